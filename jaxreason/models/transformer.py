@@ -1,0 +1,132 @@
+"""The decoder-only transformer: Qwen2/Qwen2.5, Qwen3 (dense) and Llama as config deltas.
+
+A block reads like the papers: `x = x + attn(norm(x)); x = x + mlp(norm(x))`.
+Inputs are tokens, positions and segment ids (0 = padding); see `jaxreason.ops.masks`.
+Logits are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxreason import sharding
+from jaxreason.models.config import ModelConfig
+from jaxreason.nn.layers import MLP, Attention, Embed, RMSNorm, unembed
+from jaxreason.ops import rope as rope_ops
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Dense per-layer KV cache with the positions and segment ids of each slot.
+
+  k, v: [L, B, S, K, H]; positions, segments: [B, S] (segment 0 = empty/padding); index: the next
+  slot to write (shared by all rows: prompts are left-padded to a common length).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  positions: jax.Array
+  segments: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               positions=jnp.zeros((batch, length), jnp.int32),
+               segments=jnp.zeros((batch, length), jnp.int32),
+               index=jnp.zeros((), jnp.int32))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = jnp.dtype(cfg.param_dtype)
+    out_std = cfg.initializer_range / math.sqrt(2 * cfg.num_layers)
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.attn = Attention(cfg, rngs, out_std)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    self.mlp = MLP(cfg, rngs, out_std)
+
+  def __call__(self, x, sin, cos, positions, segments, cache=None):
+    h, new_cache = self.attn(self.attn_norm(x), sin, cos, positions, segments, cache)
+    x = x + h
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, ("act_batch", "act_length", "act_embed")), new_cache
+
+
+def _block_forward(block, x, sin, cos, positions, segments):
+  return block(x, sin, cos, positions, segments)[0]
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. Initialisation: N(0, initializer_range), residual outputs /sqrt(2L)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, pd, rngs)
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = nnx.Param(
+          cfg.initializer_range * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pd),
+          logical_axes=("vocab", "embed"))
+
+  def hidden_states(self, tokens, positions=None, segments=None, cache: KVCache | None = None):
+    """tokens [B, T] -> (final-normed hidden [B, T, D], updated cache or None)."""
+    cfg = self.cfg
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if segments is None:
+      segments = jnp.ones(tokens.shape, jnp.int32)
+    dtype = jnp.dtype(cfg.dtype)
+    x = sharding.constrain(self.embed(tokens, dtype), ("act_batch", "act_length", "act_embed"))
+    sin, cos = rope_ops.sin_cos(positions, rope_ops.inverse_frequencies(cfg))
+
+    if cache is None:
+      forward = _block_forward
+      if cfg.remat != "none":
+        forward = nnx.remat(_block_forward, policy=_REMAT_POLICIES[cfg.remat])
+      for block in self.layers:
+        x = forward(block, x, sin, cos, positions, segments)
+      return self.final_norm(x), None
+
+    index = cache.index
+    kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, index, axis=1)
+    kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segments, index, axis=1)
+    ks, vs = [], []
+    for i, block in enumerate(self.layers):
+      x, (k, v) = block(x, sin, cos, positions, segments,
+                        cache=(cache.k[i], cache.v[i], kv_pos, kv_seg, index))
+      ks.append(k)
+      vs.append(v)
+    new_cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs), positions=kv_pos, segments=kv_seg,
+                        index=index + tokens.shape[1])
+    return self.final_norm(x), new_cache
+
+  def unembedding(self) -> jax.Array:
+    """[V, D] output table (the embedding when tied)."""
+    return self.embed.embedding[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    return sharding.constrain(unembed(hidden, self.unembedding()), ("act_batch", "act_length", "act_vocab"))
+
+  def __call__(self, tokens, positions=None, segments=None, cache: KVCache | None = None):
+    """tokens [B, T] -> float32 logits [B, T, V] (and the updated cache when one is given)."""
+    hidden, new_cache = self.hidden_states(tokens, positions, segments, cache)
+    logits = self.logits(hidden)
+    return logits if cache is None else (logits, new_cache)

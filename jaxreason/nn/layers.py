@@ -1,0 +1,147 @@
+"""Parameterised layers. Modules own parameters; math lives in `jaxreason.ops`.
+
+Parameters carry `logical_axes` metadata (names from `jaxreason.sharding`). Weights are stored in
+`param_dtype` and cast to the compute `dtype` where they are used.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxreason import sharding
+from jaxreason.ops import attention as attention_ops
+from jaxreason.ops import masks
+from jaxreason.ops import rope as rope_ops
+
+
+def _param(rngs: nnx.Rngs, shape, std: float, dtype, axes) -> nnx.Param:
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """HF RMSNorm: normalise in float32, cast back to x.dtype, then multiply by the scale."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, param_dtype, axis_name: str = "norm"):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+class Embed(nnx.Module):
+  """Token embedding [V, D]; `attend` gives the tied unembedding."""
+
+  def __init__(self, vocab: int, dim: int, std: float, param_dtype, rngs: nnx.Rngs):
+    self.embedding = _param(rngs, (vocab, dim), std, param_dtype, ("vocab", "embed"))
+
+  def __call__(self, tokens: jax.Array, dtype) -> jax.Array:
+    # [B, T, D]
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+
+
+def unembed(x: jax.Array, table: jax.Array) -> jax.Array:
+  """x [B, T, D], table [V, D] -> float32 logits [B, T, V]."""
+  return jnp.einsum("BTD,VD->BTV", x, table.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+class Attention(nnx.Module):
+  """GQA self-attention with RoPE; optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs, out_std: float):
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+    self.cfg = cfg
+    self.q_proj = _param(rngs, (d, n, h), std, pd, ("embed", "heads", "head_dim"))
+    self.k_proj = _param(rngs, (d, k, h), std, pd, ("embed", "kv_heads", "head_dim"))
+    self.v_proj = _param(rngs, (d, k, h), std, pd, ("embed", "kv_heads", "head_dim"))
+    self.o_proj = _param(rngs, (n, h, d), out_std, pd, ("heads", "head_dim", "embed"))
+    if cfg.qkv_bias:
+      self.q_bias = nnx.Param(jnp.zeros((n, h), pd), logical_axes=("heads", "head_dim"))
+      self.k_bias = nnx.Param(jnp.zeros((k, h), pd), logical_axes=("kv_heads", "head_dim"))
+      self.v_bias = nnx.Param(jnp.zeros((k, h), pd), logical_axes=("kv_heads", "head_dim"))
+    if cfg.o_bias:
+      self.o_bias = nnx.Param(jnp.zeros((d,), pd), logical_axes=("embed",))
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(h, cfg.rms_norm_eps, pd, "head_dim")
+      self.k_norm = RMSNorm(h, cfg.rms_norm_eps, pd, "head_dim")
+
+  def __call__(self, x, sin, cos, positions, segments, cache=None):
+    """x [B, T, D] -> ([B, T, D], updated (k, v) cache or None).
+
+    `cache` is (k [B, S, K, H], v [B, S, K, H], kv_positions [B, S], kv_segments [B, S], index):
+    this call's keys/values are written at slots [index, index + T) and attention runs over the
+    whole cache with its positions and segments.
+    """
+    cfg, dt = self.cfg, x.dtype
+    # [B, T, N, H]
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+    # [B, T, K, H]
+    k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
+    if cfg.qkv_bias:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = sharding.constrain(rope_ops.apply_rope(q, sin, cos), ("act_batch", "act_length", "act_heads", None))
+    k = sharding.constrain(rope_ops.apply_rope(k, sin, cos), ("act_batch", "act_length", "act_kv_heads", None))
+    v = sharding.constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
+
+    if cache is None:
+      keys, values, kv_pos, kv_seg, new_cache = k, v, positions, segments, None
+    else:
+      ck, cv, kv_pos, kv_seg, index = cache
+      keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
+      values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
+      new_cache = (keys, values)
+      keys, values = keys.astype(dt), values.astype(dt)
+
+    mask = masks.attention_mask(positions, segments, kv_pos, kv_seg)
+    out = attention_ops.attention(
+        q, keys, values, mask=mask, scale=cfg.resolved_head_dim ** -0.5,
+        backend=cfg.attention_backend, q_segments=segments, kv_segments=kv_seg,
+        self_attention=cache is None)
+    # [B, T, D]
+    y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
+    if cfg.o_bias:
+      y = y + self.o_bias[...].astype(dt)
+    return y, new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs, out_std: float):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+    self.gate = _param(rngs, (d, f), std, pd, ("embed", "mlp"))
+    self.up = _param(rngs, (d, f), std, pd, ("embed", "mlp"))
+    self.down = _param(rngs, (f, d), out_std, pd, ("mlp", "embed"))
+    self.bias = cfg.mlp_bias
+    if cfg.mlp_bias:
+      self.gate_bias = nnx.Param(jnp.zeros((f,), pd), logical_axes=("mlp",))
+      self.up_bias = nnx.Param(jnp.zeros((f,), pd), logical_axes=("mlp",))
+      self.down_bias = nnx.Param(jnp.zeros((d,), pd), logical_axes=("embed",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = x.dtype
+    # [B, T, F]
+    g = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(dt))
+    u = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt))
+    if self.bias:
+      g, u = g + self.gate_bias[...].astype(dt), u + self.up_bias[...].astype(dt)
+    h = sharding.constrain(jax.nn.silu(g) * u, ("act_batch", "act_length", "act_mlp"))
+    y = jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt))
+    if self.bias:
+      y = y + self.down_bias[...].astype(dt)
+    return y

@@ -1,0 +1,86 @@
+"""Scaled dot-product attention with grouped-query heads and backend dispatch.
+
+Backends:
+- `xla`: einsums with named axes; runs everywhere (the CPU path and the one tests run).
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")` (fused flash attention on GPU);
+  needs bf16/fp16 inputs, so fp32 calls fall back to `xla`.
+- `splash`: the Pallas splash-attention kernel on TPU, for self-attention without a cache
+  (training and prefill); segment ids carry padding and packing.
+`auto` picks `cudnn` on GPU, `splash` on TPU and `xla` otherwise. Softmax is always in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def resolve_backend(backend: str) -> str:
+  if backend != "auto":
+    return backend
+  platform = jax.default_backend()
+  return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform, "xla")
+
+
+def xla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
+                  scale: float) -> jnp.ndarray:
+  """q [B, T, N, H], k/v [B, S, K, H], mask bool [B, T, S] -> [B, T, N, H]."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  g = n // kv_heads
+  # [B, T, K, G, H]
+  q = q.reshape(b, t, kv_heads, g, h)
+  # [B, K, G, T, S]
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  # [B, T, K, G, H]
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def cudnn_attention(q, k, v, mask, scale):
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return xla_attention(q, k, v, mask, scale)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=scale,
+                                     implementation="cudnn")
+  return out.astype(q.dtype)
+
+
+@functools.cache
+def _splash_kernel(num_heads: int, seq_len: int):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
+  return sk.make_splash_mqa_single_device(mask), sk
+
+
+def splash_attention(q, k, v, q_segments, kv_segments, scale):
+  """TPU splash attention; causal by index, segments for padding and packing (no cache)."""
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  kernel, sk = _splash_kernel(n // kv_heads, t)
+  # [B, K, G, T, H] for the MQA kernel, one call per kv head.
+  qg = (q * scale).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+  kk = k.transpose(0, 2, 1, 3)
+  vv = v.transpose(0, 2, 1, 3)
+  seg = sk.SegmentIds(q=q_segments, kv=kv_segments)
+  per_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))  # over kv heads
+  out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(qg, kk, vv, seg)  # over batch
+  # [B, K, G, T, H] -> [B, T, N, H]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def attention(q, k, v, *, mask, scale, backend="xla", q_segments=None, kv_segments=None,
+              self_attention=False):
+  """Dispatches to a backend. `mask` is the full bool mask [B, T, S] (used by xla/cudnn)."""
+  backend = resolve_backend(backend)
+  if backend == "splash" and self_attention and q.shape[1] % 128 == 0:
+    return splash_attention(q, k, v, q_segments, kv_segments, scale)
+  if backend == "cudnn":
+    return cudnn_attention(q, k, v, mask, scale)
+  return xla_attention(q, k, v, mask, scale)

