@@ -18,11 +18,12 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
 
 def init_model(cfg: ModelConfig, seed: int = 0, mesh: Mesh | None = None,
                rules: sharding.Rules = sharding.TRAIN_RULES) -> Transformer:
-  """Randomly initialised model; with a mesh, every parameter is created already sharded."""
-  if mesh is None:
-    return Transformer(cfg, rngs=nnx.Rngs(seed))
+  """Randomly initialised model; with a mesh, every parameter is created already sharded.
+
+  Initialisation always runs under `jax.jit`, so the values do not depend on the mesh.
+  """
   graphdef, abs_state = nnx.split(abstract_model(cfg))
-  out_shardings = sharding.state_shardings(abs_state, mesh, rules)
+  out_shardings = None if mesh is None else sharding.state_shardings(abs_state, mesh, rules)
 
   def make_state():
     return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))

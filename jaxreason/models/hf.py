@@ -157,11 +157,11 @@ def load_hf_model(model_dir: str, *, mesh: Mesh | None = None,
         continue
       var = variables[entry.path]
       target = var.get_value()
-      host = entry.to_ours(reader.get(name))
-      if host.shape != target.shape:
-        raise ValueError(f"{reader.path}: tensor {name} has shape {reader.shape(name)}, which does not "
-                         f"fit the config (expected {target.shape} after layout change)")
-      host = host.astype(target.dtype)
+      want = entry.to_hf(np.empty(target.shape, np.bool_)).shape
+      if reader.shape(name) != want:
+        raise ValueError(f"{reader.path}: tensor {name} has shape {reader.shape(name)}; the config "
+                         f"expects {want}. Check config.json against the weights.")
+      host = entry.to_ours(reader.get(name)).astype(target.dtype)
       if mesh is None:
         values[entry.path] = jax.device_put(np.ascontiguousarray(host))
       else:
