@@ -43,11 +43,12 @@ def xla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndar
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 
-def cudnn_attention(q, k, v, mask, scale):
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
+def cudnn_attention(q, k, v, mask, scale, implementation="cudnn"):
+  """`jax.nn.dot_product_attention` (GQA-aware); `implementation="xla"` runs the same call on CPU."""
+  if implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
     return xla_attention(q, k, v, mask, scale)
   out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], scale=scale,
-                                     implementation="cudnn")
+                                     implementation=implementation)
   return out.astype(q.dtype)
 
 
@@ -56,7 +57,9 @@ def _splash_kernel(num_heads: int, seq_len: int):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
-  return sk.make_splash_mqa_single_device(mask), sk
+  # Off TPU the Pallas kernel runs in interpret mode (slow; used by the tests to check the path).
+  interpret = jax.default_backend() != "tpu"
+  return sk.make_splash_mqa_single_device(mask, interpret=interpret), sk
 
 
 def splash_attention(q, k, v, q_segments, kv_segments, scale):
