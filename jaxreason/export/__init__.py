@@ -1,0 +1,1 @@
+"""Export to HuggingFace format (`python -m jaxreason.export`)."""

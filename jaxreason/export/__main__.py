@@ -1,0 +1,54 @@
+"""`python -m jaxreason.export --checkpoint PATH --out DIR [--dtype float32|bfloat16]`.
+
+Writes a HuggingFace directory (sharded safetensors + index, config.json, generation_config.json,
+tokenizer files and chat template) that `transformers` and vLLM load. PATH is a HuggingFace model
+directory today (re-export, e.g. to change dtype or shard size); Orbax training checkpoints are
+read once the trainer writes them (issue #4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m jaxreason.export", description=__doc__.split("\n\n")[0])
+  p.add_argument("--checkpoint", required=True, help="a HuggingFace model directory")
+  p.add_argument("--out", required=True, help="output directory (created)")
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                 help="tensor dtype in the export (default: the parameters' dtype)")
+  p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
+  p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
+  args = p.parse_args(argv)
+
+  src = args.checkpoint
+  if not os.path.isdir(src):
+    p.error(f"--checkpoint {src}: no such directory")
+  if not os.path.exists(os.path.join(src, "config.json")):
+    p.error(f"--checkpoint {src}: no config.json. Only HuggingFace model directories can be exported "
+            "for now; Orbax training checkpoints arrive with `python -m jaxreason.train`.")
+  if os.path.abspath(src) == os.path.abspath(args.out):
+    p.error("--out must differ from --checkpoint")
+
+  from jaxreason.data.tokenizer import load_tokenizer
+  from jaxreason.models.hf import load_hf_model, save_hf_model
+
+  model = load_hf_model(src)
+  tok_dir = args.tokenizer or src
+  tokenizer = None
+  try:
+    tokenizer = load_tokenizer(tok_dir)
+  except FileNotFoundError as e:
+    if args.tokenizer:
+      p.error(str(e))
+    print(f"note: {src} has no tokenizer files; the export has none either", file=sys.stderr)
+  files = save_hf_model(model, args.out, dtype=args.dtype, tokenizer=tokenizer,
+                        max_shard_size=args.max_shard_size)
+  print(f"wrote {args.out}: {len(files)} safetensors file(s), dtype {args.dtype or model.cfg.param_dtype}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
