@@ -1,0 +1,133 @@
+"""Reward functions by name: a registry, `module:function` paths, and weighted combinations.
+
+A reward function takes `(response, ground_truth)` and returns a float, or a dict of floats with
+the total under "reward" (as CS336's `r1_zero_reward_fn` does). `reward_value` reads either.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Union
+
+__all__ = [
+  "RewardFn", "RewardOutput", "register_reward", "registered_rewards", "get_reward_fn", "reward_value",
+  "combine", "apply_reward",
+]
+
+RewardOutput = Union[float, Mapping[str, float]]
+RewardFn = Callable[[str, Any], RewardOutput]
+
+_REGISTRY: dict[str, RewardFn] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+  """Decorator registering a reward function under `name` (an existing other function is an error)."""
+  if not isinstance(name, str) or not name or ":" in name:
+    raise ValueError(f"reward name must be a non-empty string without ':', got {name!r}")
+
+  def decorator(fn: RewardFn) -> RewardFn:
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing is not fn and _qualname(existing) != _qualname(fn):
+      raise ValueError(f"reward {name!r} is already registered to {_qualname(existing)}; "
+                       f"pick another name for {_qualname(fn)}")
+    _REGISTRY[name] = fn
+    return fn
+
+  return decorator
+
+
+def _qualname(fn: Callable) -> str:
+  return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _ensure_builtins() -> None:
+  from jaxreason.rewards import rules  # noqa: F401  (registers the built-in rewards)
+
+
+def registered_rewards() -> list[str]:
+  """Names of all registered reward functions, sorted."""
+  _ensure_builtins()
+  return sorted(_REGISTRY)
+
+
+def get_reward_fn(name_or_path: str | RewardFn) -> RewardFn:
+  """A registered name ("r1_zero"), a "package.module:function" path, or a callable (returned as is)."""
+  if callable(name_or_path):
+    return name_or_path
+  if not isinstance(name_or_path, str):
+    raise TypeError(f"reward must be a name, 'module:function' or a callable, got {type(name_or_path).__name__}")
+  _ensure_builtins()
+  if name_or_path in _REGISTRY:
+    return _REGISTRY[name_or_path]
+  if ":" in name_or_path:
+    module_name, _, attr = name_or_path.partition(":")
+    try:
+      obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+      raise ValueError(f"reward {name_or_path!r}: cannot import module {module_name!r} ({e})") from e
+    for part in attr.split("."):
+      if not hasattr(obj, part):
+        raise ValueError(f"reward {name_or_path!r}: module {module_name!r} has no attribute {attr!r}")
+      obj = getattr(obj, part)
+    if not callable(obj):
+      raise ValueError(f"reward {name_or_path!r} is a {type(obj).__name__}, not a function")
+    return obj
+  close = difflib.get_close_matches(name_or_path, _REGISTRY, n=1)
+  hint = f" Did you mean {close[0]!r}?" if close else ""
+  raise ValueError(f"unknown reward {name_or_path!r}.{hint} Registered rewards: {', '.join(sorted(_REGISTRY))}; "
+                   "or give a 'package.module:function' path.")
+
+
+def reward_value(out: RewardOutput) -> float:
+  """The scalar reward of a reward function's output (a float, or a dict's "reward")."""
+  if isinstance(out, Mapping):
+    return float(out["reward"])
+  return float(out)
+
+
+def combine(weights: Mapping[str | RewardFn, float]) -> RewardFn:
+  """Weighted sum of reward functions: `combine({"r1_zero": 1.0, "mymod:length_penalty": 0.1})`.
+
+  The combined function returns a dict: "reward" (the weighted sum) and each component's
+  unweighted scalar under its name (for logging per reward function).
+  """
+  if not weights:
+    raise ValueError("combine() needs at least one reward function")
+  parts: list[tuple[str, RewardFn, float]] = []
+  for key, weight in weights.items():
+    name = key if isinstance(key, str) else getattr(key, "__name__", repr(key))
+    parts.append((name, get_reward_fn(key), float(weight)))
+  names = [n for n, _, _ in parts]
+  if len(set(names)) != len(names) or "reward" in names:
+    raise ValueError(f"combine(): component names must be unique and not 'reward', got {names}")
+
+  def combined(response: str, ground_truth: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    total = 0.0
+    for name, fn, weight in parts:
+      value = reward_value(fn(response, ground_truth))
+      out[name] = value
+      total += weight * value
+    out["reward"] = total
+    return out
+
+  combined.__name__ = "combined_" + "_".join(names)
+  return combined
+
+
+def apply_reward(fn: str | RewardFn, responses: Sequence[str], ground_truths: Sequence[Any],
+                 num_threads: int | None = None) -> list[RewardOutput]:
+  """Scores many responses, in threads so that math-verify workers grade in parallel."""
+  if len(responses) != len(ground_truths):
+    raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+  fn = get_reward_fn(fn)
+  if num_threads is None:
+    from jaxreason.rewards.math_equal import default_num_workers
+    num_threads = default_num_workers()
+  if num_threads <= 1 or len(responses) <= 1:
+    return [fn(r, g) for r, g in zip(responses, ground_truths)]
+  with ThreadPoolExecutor(max_workers=num_threads) as pool:
+    return list(pool.map(fn, responses, ground_truths))
