@@ -108,14 +108,10 @@ class Transformer(nnx.Module):
     index = cache.index
     kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, index, axis=1)
     kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segments, index, axis=1)
-    ks, vs = [], []
+    ck, cv = cache.k, cache.v
     for i, block in enumerate(self.layers):
-      x, (k, v) = block(x, sin, cos, positions, segments,
-                        cache=(cache.k[i], cache.v[i], kv_pos, kv_seg, index))
-      ks.append(k)
-      vs.append(v)
-    new_cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs), positions=kv_pos, segments=kv_seg,
-                        index=index + tokens.shape[1])
+      x, (ck, cv) = block(x, sin, cos, positions, segments, cache=(ck, cv, i, kv_pos, kv_seg, index))
+    new_cache = KVCache(k=ck, v=cv, positions=kv_pos, segments=kv_seg, index=index + tokens.shape[1])
     return self.final_norm(x), new_cache
 
   def unembedding(self) -> jax.Array:

@@ -77,8 +77,9 @@ class Attention(nnx.Module):
   def __call__(self, x, sin, cos, positions, segments, cache=None):
     """x [B, T, D] -> ([B, T, D], updated (k, v) cache or None).
 
-    `cache` is (k [B, S, K, H], v [B, S, K, H], kv_positions [B, S], kv_segments [B, S], index):
-    this call's keys/values are written at slots [index, index + T) and attention runs over the
+    `cache` is (k [L, B, S, K, H], v [L, B, S, K, H], layer, kv_positions [B, S],
+    kv_segments [B, S], index): this call's keys/values are written into layer `layer` at slots
+    [index, index + T) (in place inside a jitted loop) and attention runs over that layer's
     whole cache with its positions and segments.
     """
     cfg, dt = self.cfg, x.dtype
@@ -100,11 +101,12 @@ class Attention(nnx.Module):
     if cache is None:
       keys, values, kv_pos, kv_seg, new_cache = k, v, positions, segments, None
     else:
-      ck, cv, kv_pos, kv_seg, index = cache
-      keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
-      values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
-      new_cache = (keys, values)
-      keys, values = keys.astype(dt), values.astype(dt)
+      ck, cv, layer, kv_pos, kv_seg, index = cache
+      start = (layer, 0, index, 0, 0)
+      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
+      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
+      new_cache = (ck, cv)
+      keys, values = ck[layer].astype(dt), cv[layer].astype(dt)
 
     mask = masks.attention_mask(positions, segments, kv_pos, kv_seg)
     out = attention_ops.attention(
