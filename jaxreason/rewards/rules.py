@@ -28,7 +28,7 @@ from jaxreason.rewards.extract import answer_colon, gsm8k_answer, last_boxed, la
 from jaxreason.rewards.math_equal import default_grader, parse_number, sanitize
 from jaxreason.rewards.registry import register_reward
 
-__all__ = ["simplerl_v0", "simplerl_v1", "r1_zero", "s1_answer", "gsm8k", "boxed", "equiv_any"]
+__all__ = ["simplerl_v0", "simplerl_v1", "r1_zero", "think_answer", "s1_answer", "gsm8k", "boxed", "equiv_any"]
 
 
 def _golds(ground_truth: Any) -> list[str]:
@@ -116,3 +116,19 @@ def gsm8k(response: str, ground_truth: Any) -> float:
 def boxed(response: str, ground_truth: Any) -> float:
   r"""Qwen2.5-Math CoT: 1 if the last `\boxed{}` content equals the ground truth, else 0."""
   return 1.0 if equiv_any(last_boxed(sanitize(response)), ground_truth) else 0.0
+
+
+@register_reward("think_answer")
+def think_answer(response: str, ground_truth: Any) -> dict[str, float]:
+  """MiniMind think/answer tags: format valid if `</think>`, `<answer>`, `</answer>` appear in that
+  order (any whitespace between them); the answer is read as in `r1_zero`."""
+  response = sanitize(response)
+  end, start = response.find("</think>"), response.rfind("<answer>")
+  if end < 0 or start < end or response.find("</answer>", start) < 0:
+    return dict(_R1_UNFORMATTED)
+  answer = response.split("<answer>")[-1].replace("</answer>", "")
+  if "\\boxed" in answer:
+    answer = last_boxed(answer)
+    if answer is None:
+      return dict(_R1_WRONG)
+  return dict(_R1_RIGHT if equiv_any(answer.strip(), ground_truth) else _R1_WRONG)

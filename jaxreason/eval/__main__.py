@@ -1,0 +1,100 @@
+"""`python -m jaxreason.eval`: accuracy against thinking budget (the s1 test-time scaling figure).
+
+  python -m jaxreason.eval --model DIR --data FILE --format s1 --out OUTDIR \\
+      --budgets 256,512,1024,none --num-waits 0 --n 1 --max-new-tokens 2048
+
+--data: a .jsonl/.json/.parquet file, a local HF `datasets` directory, or `task:NAME[:k=v,...]`
+(built-in procedural tasks, e.g. `task:addition:n=200,max_digits=7`). Rows need `question` (or
+`prompt`) and `answer`. Settings may also come from --config YAML (keys = the long option names
+with underscores); options given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m jaxreason.eval", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  p.add_argument("--config", help="YAML file with any of the settings below")
+  p.add_argument("--model", help="HuggingFace model directory (e.g. from python -m jaxreason.export)")
+  p.add_argument("--data", help="dataset file/dir or task:NAME")
+  p.add_argument("--out", help="output directory")
+  p.add_argument("--format", choices=["s1", "think", "r1_zero", "boxed", "chat", "raw"])
+  p.add_argument("--budgets", help="comma-separated max thinking tokens; 'none' = no cap")
+  p.add_argument("--num-waits", type=int, help="'Wait' extensions when the model tries to stop thinking")
+  p.add_argument("--wait", help="the injected string (default 'Wait')")
+  p.add_argument("--min-thinking-tokens", type=int)
+  p.add_argument("--max-answer-tokens", type=int)
+  p.add_argument("--temperature", type=float)
+  p.add_argument("--top-p", type=float)
+  p.add_argument("--top-k", type=int)
+  p.add_argument("--n", type=int, help="samples per question")
+  p.add_argument("--max-new-tokens", type=int)
+  p.add_argument("--backend", choices=["jax", "vllm"])
+  p.add_argument("--seed", type=int)
+  p.add_argument("--batch-size", type=int)
+  p.add_argument("--reward", help="reward name or module:function (default: the format's)")
+  p.add_argument("--split")
+  p.add_argument("--limit", type=int)
+  p.add_argument("--ks", help="comma-separated k for pass@k / maj@k")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (jax backend)")
+  return p
+
+
+def resolve(args: argparse.Namespace) -> "EvalConfig":
+  from jaxreason.eval.run import EvalConfig, parse_budgets
+  fields = {f.name for f in dataclasses.fields(EvalConfig)}
+  settings: dict = {}
+  if args.config:
+    import yaml
+    try:
+      with open(args.config) as f:
+        loaded = yaml.safe_load(f) or {}
+    except OSError as e:
+      raise SystemExit(f"--config {args.config}: {e.strerror}")
+    except yaml.YAMLError as e:
+      raise SystemExit(f"--config {args.config}: not valid YAML ({e})")
+    if not isinstance(loaded, dict):
+      raise SystemExit(f"--config {args.config}: expected a mapping of settings")
+    for key, value in loaded.items():
+      k = str(key).replace("-", "_")
+      if k not in fields:
+        near = difflib.get_close_matches(k, sorted(fields), n=1)
+        raise SystemExit(f"--config {args.config}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+      settings[k] = value
+  for k, v in vars(args).items():
+    if k != "config" and v is not None:
+      settings[k] = v
+  missing = [k for k in ("model", "data", "out") if not settings.get(k)]
+  if missing:
+    raise SystemExit("missing required settings: " + ", ".join("--" + m for m in missing))
+  try:
+    if "budgets" in settings:
+      settings["budgets"] = parse_budgets(settings["budgets"]) if not isinstance(settings["budgets"], (list, tuple)) \
+          else tuple(None if b in (None, "none") else int(b) for b in settings["budgets"])
+    if "ks" in settings and isinstance(settings["ks"], str):
+      settings["ks"] = tuple(int(k) for k in settings["ks"].split(","))
+    return EvalConfig(**settings)
+  except (TypeError, ValueError) as e:
+    raise SystemExit(f"bad settings: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  cfg = resolve(args)
+  from jaxreason.eval.run import run_eval
+  try:
+    run_eval(cfg)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

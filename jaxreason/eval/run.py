@@ -1,0 +1,184 @@
+"""Evaluation: sample answers at several thinking budgets, grade them, write the s1 report.
+
+For each budget (max thinking tokens; None = no cap) every question is sampled `n` times with
+budget forcing (SPEC §3), graded with the format's reward (SPEC §4), and summarised (SPEC §8):
+`samples.jsonl`, `summary.json` and `scaling.png` (accuracy vs mean thinking tokens) in `out`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxreason.eval.formats import EVAL_FORMATS, budget_forcing, generation_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  model: str
+  data: str
+  out: str
+  format: str = "s1"
+  budgets: tuple[int | None, ...] = (None,)
+  num_waits: int = 0
+  wait: str = "Wait"
+  min_thinking_tokens: int = 0
+  max_answer_tokens: int | None = None
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  n: int = 1
+  max_new_tokens: int = 1024
+  backend: str = "jax"
+  seed: int = 0
+  batch_size: int = 16
+  reward: str | None = None  # default: the format's
+  split: str | None = None
+  limit: int | None = None
+  ks: tuple[int, ...] = ()
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.format not in EVAL_FORMATS:
+      raise ValueError(f"format {self.format!r} is not one of {', '.join(EVAL_FORMATS)}")
+    if self.backend not in ("jax", "vllm"):
+      raise ValueError(f"backend must be 'jax' or 'vllm', got {self.backend!r}")
+    if EVAL_FORMATS[self.format].think_end is None and any(b is not None for b in self.budgets):
+      raise ValueError(f"format {self.format!r} has no thinking phase: use --budgets none")
+
+
+def parse_budgets(text: str) -> tuple[int | None, ...]:
+  out = []
+  for part in str(text).split(","):
+    part = part.strip().lower()
+    if part in ("none", "inf", ""):
+      out.append(None)
+    else:
+      try:
+        value = int(part)
+      except ValueError:
+        raise ValueError(f"--budgets: {part!r} is not an integer or 'none'") from None
+      if value < 0:
+        raise ValueError(f"--budgets: {value} is negative")
+      out.append(value)
+  return tuple(out)
+
+
+def load_examples(spec: str, split: str | None, limit: int | None) -> list[dict]:
+  from jaxreason.data import sources
+  if spec.startswith("task:"):
+    from jaxreason.data.tasks import load_task
+    rows = load_task(spec[len("task:"):])
+    path = spec
+  else:
+    rows = sources.read_rows(spec, split=split, limit=limit)
+    path = spec
+  examples = sources.eval_examples(rows, path)
+  return examples[:limit] if limit else examples
+
+
+class _Progress:
+  """tqdm when available; counts generated samples and shows the ETA."""
+
+  def __init__(self, total: int, desc: str):
+    from tqdm import tqdm
+    self.bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+
+  def update(self, k: int, **postfix):
+    self.bar.set_postfix(**postfix)
+    self.bar.update(k)
+
+  def close(self):
+    self.bar.close()
+
+
+def _generate_jax(model_dir, cfg: EvalConfig, prompts, bf, tokenizer, sampling_cfg, progress, seed):
+  from jaxreason.sampling.sampler import Sampler, newline_mask_for
+  if not hasattr(_generate_jax, "cache") or _generate_jax.cache[0] != (model_dir, cfg.dtype):
+    from jaxreason.models.hf import load_hf_model
+    model = load_hf_model(model_dir, dtype=cfg.dtype)
+    sampler = Sampler(model, newline_mask=newline_mask_for(tokenizer, model.cfg.vocab_size))
+    _generate_jax.cache = ((model_dir, cfg.dtype), sampler)
+  sampler = _generate_jax.cache[1]
+  outputs = []
+  for start in range(0, len(prompts), cfg.batch_size):
+    chunk = prompts[start:start + cfg.batch_size]
+    t = time.perf_counter()
+    out = sampler.generate(chunk, sampling_cfg, bf, seed=seed + start)
+    toks = sum(len(x) for x in out.tokens)
+    progress.update(len(chunk) * sampling_cfg.n, tok_s=f"{toks / (time.perf_counter() - t):.0f}")
+    outputs.append((start, out))
+  return outputs
+
+
+def _generate_vllm(model_dir, cfg: EvalConfig, prompts, bf, tokenizer, sampling_cfg, progress, seed):
+  from jaxreason.eval import vllm_backend
+  from jaxreason.sampling.sampler import newline_mask_for
+  vocab = len(tokenizer)
+  job = vllm_backend.make_job(prompts, sampling_cfg, bf, newline_mask_for(tokenizer, vocab), seed=seed)
+  (out,) = vllm_backend.generate_vllm(model_dir, [job])
+  progress.update(len(prompts) * sampling_cfg.n)
+  return [(0, out)]
+
+
+def run_eval(cfg: EvalConfig, *, tokenizer=None, log=print) -> dict[str, Any]:
+  from jaxreason.data.tokenizer import load_tokenizer
+  from jaxreason.eval import metrics, report
+  from jaxreason.rewards import extract_answer, get_reward_fn, reward_value
+  from jaxreason.sampling import SamplingConfig
+
+  ef = EVAL_FORMATS[cfg.format]
+  tokenizer = tokenizer or load_tokenizer(cfg.model)
+  examples = load_examples(cfg.data, cfg.split, cfg.limit)
+  reward_fn = get_reward_fn(cfg.reward or ef.reward)
+  texts = [generation_prompt(cfg.format, ex.get("question"), ex.get("prompt"), tokenizer) for ex in examples]
+  prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+  stop_ids = tuple(sorted({i for i in (tokenizer.eos_token_id,) if i is not None}))
+  sampling_cfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                top_k=cfg.top_k, n=cfg.n, stop_token_ids=stop_ids,
+                                pad_token_id=tokenizer.pad_token_id or 0)
+  generate = _generate_jax if cfg.backend == "jax" else _generate_vllm
+  os.makedirs(cfg.out, exist_ok=True)
+
+  rows: list[dict] = []
+  for budget in cfg.budgets:
+    bf = budget_forcing(cfg.format, tokenizer, budget, cfg.num_waits, cfg.wait, cfg.min_thinking_tokens,
+                        cfg.max_answer_tokens)
+    progress = _Progress(len(prompts) * cfg.n, desc=f"budget {budget if budget is not None else 'none'}")
+    try:
+      outputs = generate(cfg.model, cfg, prompts, bf, tokenizer, sampling_cfg, progress, cfg.seed)
+    finally:
+      progress.close()
+    for start, out in outputs:
+      for j, toks in enumerate(out.tokens):
+        ex = examples[start + int(out.prompt_index[j])]
+        response = tokenizer.decode(toks, skip_special_tokens=False)
+        graded = reward_fn(response, ex["answer"])
+        reward = reward_value(graded)
+        correct = (graded.get("answer_reward", reward) if isinstance(graded, dict) else reward) >= 1.0 - 1e-9
+        model_tokens = ~np.asarray(out.injected[j], bool)
+        ent = out.entropies[j][model_tokens]
+        rows.append(dict(
+            id=ex["id"], budget=budget, sample=j % cfg.n, prompt=texts[start + int(out.prompt_index[j])],
+            response=response, response_token_ids=list(map(int, toks)), ground_truth=ex["answer"],
+            answer=extract_answer(response, ef.extract), reward=reward,
+            format_reward=graded.get("format_reward") if isinstance(graded, dict) else None,
+            correct=bool(correct), thinking_tokens=int(out.thinking_tokens[j]),
+            answer_tokens=int(out.answer_tokens[j]), waits=int(out.waits[j]),
+            forced_end=bool(out.forced_end[j]), truncated=bool(out.truncated[j]),
+            finish_reason=out.finish_reason[j],
+            mean_entropy=float(ent.mean()) if ent.size else None, length=len(toks)))
+
+  ks = tuple(sorted(set(cfg.ks or ((1, cfg.n) if cfg.n > 1 else (1,)))))
+  summary = metrics.summarize(rows, ks=ks)
+  summary["config"] = dataclasses.asdict(cfg)
+  report.write_samples(os.path.join(cfg.out, "samples.jsonl"), rows)
+  report.write_summary(os.path.join(cfg.out, "summary.json"), summary)
+  report.plot_scaling(os.path.join(cfg.out, "scaling.png"), summary)
+  log(report.format_table(summary))
+  log(f"wrote {cfg.out}/samples.jsonl, summary.json, scaling.png")
+  return summary
