@@ -61,3 +61,18 @@ def test_eval_on_builtin_task_and_bad_input(model_dir, tmp_path, capsys):
   assert "bad.jsonl line 2" in capsys.readouterr().err
   with pytest.raises(SystemExit, match="no thinking phase"):
     main(["--model", model_dir, "--data", str(bad), "--out", str(out), "--format", "chat", "--budgets", "8"])
+
+
+def test_eval_from_orbax_checkpoint_matches_hf_dir(model_dir, tmp_path, qwen_tokenizer):
+  from jaxreason import checkpoint
+  from jaxreason.models.hf import load_hf_model
+  run = tmp_path / "run"
+  checkpoint.save_model(load_hf_model(model_dir), str(run / "checkpoints"), step=2)
+  qwen_tokenizer.save_pretrained(run / "tokenizer")
+  common = ["--data", "task:addition:n=3,max_digits=3", "--format", "s1", "--budgets", "6",
+            "--max-new-tokens", "20"]
+  assert main(["--model", str(run), "--out", str(tmp_path / "a")] + common) == 0
+  assert main(["--model", model_dir, "--out", str(tmp_path / "b")] + common) == 0
+  a = [json.loads(l)["response_token_ids"] for l in open(tmp_path / "a" / "samples.jsonl")]
+  b = [json.loads(l)["response_token_ids"] for l in open(tmp_path / "b" / "samples.jsonl")]
+  assert a == b

@@ -38,4 +38,4 @@ def test_export_cli_bad_checkpoint_is_a_clear_error(tmp_path):
   r = subprocess.run([sys.executable, "-m", "jaxreason.export", "--checkpoint", str(tmp_path), "--out",
                       str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
   assert r.returncode == 2
-  assert "no config.json" in r.stderr and "Traceback" not in r.stderr
+  assert "neither an Orbax checkpoint" in r.stderr and "Traceback" not in r.stderr

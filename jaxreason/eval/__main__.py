@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m jaxreason.eval", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   p.add_argument("--config", help="YAML file with any of the settings below")
-  p.add_argument("--model", help="HuggingFace model directory (e.g. from python -m jaxreason.export)")
+  p.add_argument("--model", help="HuggingFace model directory, or an Orbax run/checkpoints/step directory")
+  p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
   p.add_argument("--data", help="dataset file/dir or task:NAME")
   p.add_argument("--out", help="output directory")
   p.add_argument("--format", choices=["s1", "think", "r1_zero", "boxed", "chat", "raw"])

@@ -41,6 +41,7 @@ class EvalConfig:
   limit: int | None = None
   ks: tuple[int, ...] = ()
   dtype: str = "float32"
+  tokenizer: str | None = None  # default: the model dir, or a checkpoint run's tokenizer/ folder
 
   def __post_init__(self):
     if self.format not in EVAL_FORMATS:
@@ -99,8 +100,7 @@ class _Progress:
 def _generate_jax(model_dir, cfg: EvalConfig, prompts, bf, tokenizer, sampling_cfg, progress, seed):
   from jaxreason.sampling.sampler import Sampler, newline_mask_for
   if not hasattr(_generate_jax, "cache") or _generate_jax.cache[0] != (model_dir, cfg.dtype):
-    from jaxreason.models.hf import load_hf_model
-    model = load_hf_model(model_dir, dtype=cfg.dtype)
+    model = load_any_model(model_dir, dtype=cfg.dtype)
     sampler = Sampler(model, newline_mask=newline_mask_for(tokenizer, model.cfg.vocab_size))
     _generate_jax.cache = ((model_dir, cfg.dtype), sampler)
   sampler = _generate_jax.cache[1]
@@ -115,9 +115,44 @@ def _generate_jax(model_dir, cfg: EvalConfig, prompts, bf, tokenizer, sampling_c
   return outputs
 
 
+def load_any_model(path: str, **overrides):
+  """An Orbax checkpoint (run/checkpoints/step dir) or a HuggingFace model directory."""
+  from jaxreason import checkpoint
+  from jaxreason.models.hf import load_hf_model
+  if checkpoint.is_checkpoint(path):
+    return checkpoint.load_model(path, **overrides)
+  return load_hf_model(path, **overrides)
+
+
+def resolve_tokenizer(cfg: EvalConfig):
+  from jaxreason import checkpoint
+  from jaxreason.data.tokenizer import load_tokenizer
+  if cfg.tokenizer:
+    return load_tokenizer(cfg.tokenizer)
+  if checkpoint.is_checkpoint(cfg.model):
+    tok_dir = checkpoint.find_tokenizer_dir(cfg.model)
+    if tok_dir is None:
+      raise FileNotFoundError(f"{cfg.model}: the checkpoint's run has no tokenizer/ folder; pass --tokenizer DIR")
+    return load_tokenizer(tok_dir)
+  return load_tokenizer(cfg.model)
+
+
+def _hf_dir_for_vllm(model_dir: str, out: str, tokenizer) -> str:
+  """vLLM reads HuggingFace directories: export an Orbax checkpoint first (once)."""
+  from jaxreason import checkpoint
+  if not checkpoint.is_checkpoint(model_dir):
+    return model_dir
+  from jaxreason.models.hf import save_hf_model
+  target = os.path.join(out, "hf_export")
+  if not os.path.exists(os.path.join(target, "config.json")):
+    save_hf_model(checkpoint.load_model(model_dir), target, tokenizer=tokenizer)
+  return target
+
+
 def _generate_vllm(model_dir, cfg: EvalConfig, prompts, bf, tokenizer, sampling_cfg, progress, seed):
   from jaxreason.eval import vllm_backend
   from jaxreason.sampling.sampler import newline_mask_for
+  model_dir = _hf_dir_for_vllm(model_dir, cfg.out, tokenizer)
   vocab = len(tokenizer)
   job = vllm_backend.make_job(prompts, sampling_cfg, bf, newline_mask_for(tokenizer, vocab), seed=seed)
   (out,) = vllm_backend.generate_vllm(model_dir, [job])
@@ -126,13 +161,12 @@ def _generate_vllm(model_dir, cfg: EvalConfig, prompts, bf, tokenizer, sampling_
 
 
 def run_eval(cfg: EvalConfig, *, tokenizer=None, log=print) -> dict[str, Any]:
-  from jaxreason.data.tokenizer import load_tokenizer
   from jaxreason.eval import metrics, report
   from jaxreason.rewards import extract_answer, get_reward_fn, reward_value
   from jaxreason.sampling import SamplingConfig
 
   ef = EVAL_FORMATS[cfg.format]
-  tokenizer = tokenizer or load_tokenizer(cfg.model)
+  tokenizer = tokenizer or resolve_tokenizer(cfg)
   examples = load_examples(cfg.data, cfg.split, cfg.limit)
   reward_fn = get_reward_fn(cfg.reward or ef.reward)
   texts = [generation_prompt(cfg.format, ex.get("question"), ex.get("prompt"), tokenizer) for ex in examples]

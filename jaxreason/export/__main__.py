@@ -1,9 +1,9 @@
 """`python -m jaxreason.export --checkpoint PATH --out DIR [--dtype float32|bfloat16]`.
 
 Writes a HuggingFace directory (sharded safetensors + index, config.json, generation_config.json,
-tokenizer files and chat template) that `transformers` and vLLM load. PATH is a HuggingFace model
-directory today (re-export, e.g. to change dtype or shard size); Orbax training checkpoints are
-read once the trainer writes them (issue #4).
+tokenizer files and chat template) that `transformers` and vLLM load. PATH is an Orbax checkpoint
+(a run directory, its `checkpoints/` folder or one step; see `jaxreason.checkpoint`) or a
+HuggingFace model directory (re-export, e.g. to change dtype or shard size).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m jaxreason.export", description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True, help="a HuggingFace model directory")
+  p.add_argument("--checkpoint", required=True,
+                 help="an Orbax run/checkpoints/step directory, or a HuggingFace model directory")
   p.add_argument("--out", required=True, help="output directory (created)")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="tensor dtype in the export (default: the parameters' dtype)")
@@ -26,24 +27,30 @@ def main(argv: list[str] | None = None) -> int:
   src = args.checkpoint
   if not os.path.isdir(src):
     p.error(f"--checkpoint {src}: no such directory")
-  if not os.path.exists(os.path.join(src, "config.json")):
-    p.error(f"--checkpoint {src}: no config.json. Only HuggingFace model directories can be exported "
-            "for now; Orbax training checkpoints arrive with `python -m jaxreason.train`.")
   if os.path.abspath(src) == os.path.abspath(args.out):
     p.error("--out must differ from --checkpoint")
 
+  from jaxreason import checkpoint
   from jaxreason.data.tokenizer import load_tokenizer
   from jaxreason.models.hf import load_hf_model, save_hf_model
 
-  model = load_hf_model(src)
-  tok_dir = args.tokenizer or src
+  if checkpoint.is_checkpoint(src):
+    model = checkpoint.load_model(src)
+    tok_dir = args.tokenizer or checkpoint.find_tokenizer_dir(src)
+  elif os.path.exists(os.path.join(src, "config.json")):
+    model = load_hf_model(src)
+    tok_dir = args.tokenizer or src
+  else:
+    p.error(f"--checkpoint {src}: neither an Orbax checkpoint (STEP/params under it or its checkpoints/) "
+            "nor a HuggingFace model directory (config.json)")
   tokenizer = None
   try:
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(tok_dir) if tok_dir else None
   except FileNotFoundError as e:
     if args.tokenizer:
       p.error(str(e))
-    print(f"note: {src} has no tokenizer files; the export has none either", file=sys.stderr)
+  if tokenizer is None:
+    print(f"note: no tokenizer found for {src}; the export has none (pass --tokenizer DIR)", file=sys.stderr)
   files = save_hf_model(model, args.out, dtype=args.dtype, tokenizer=tokenizer,
                         max_shard_size=args.max_shard_size)
   print(f"wrote {args.out}: {len(files)} safetensors file(s), dtype {args.dtype or model.cfg.param_dtype}")

@@ -1,0 +1,111 @@
+"""Orbax checkpoints of jaxreason models: layout, save, restore onto any mesh.
+
+Layout (the trainer adds its own items next to these in each step):
+
+  RUN_DIR/checkpoints/<step>/params        the model's nnx.State (Orbax StandardSave)
+  RUN_DIR/checkpoints/<step>/model_config  ModelConfig as JSON (each step is self-contained)
+
+`resolve_checkpoint` accepts a step directory, a `checkpoints/` directory or a run directory
+(latest step). Restoring builds abstract arrays with the target mesh's shardings, so a checkpoint
+saved on 8 devices restores on 1 (and the reverse). Saves are atomic: Orbax writes to a temporary
+directory and renames it when complete, so an interrupted save leaves the previous step intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxreason import sharding
+from jaxreason.models.build import abstract_model
+from jaxreason.models.config import ModelConfig, RopeScaling
+from jaxreason.models.transformer import Transformer
+
+
+def config_to_json(cfg: ModelConfig) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def config_from_json(d: dict) -> ModelConfig:
+  d = dict(d)
+  d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
+  if isinstance(d.get("eos_token_id"), list):
+    d["eos_token_id"] = tuple(d["eos_token_id"])
+  return ModelConfig(**d)
+
+
+def _is_step_dir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "model_config"))
+
+
+def resolve_checkpoint(path: str) -> tuple[str, int]:
+  """(checkpoints directory, step) for a step dir, a checkpoints dir or a run dir (latest step)."""
+  path = os.path.abspath(path)
+  if _is_step_dir(path):
+    parent, name = os.path.split(path)
+    if not name.isdigit():
+      raise ValueError(f"{path}: a checkpoint step directory must be named by its step number")
+    return parent, int(name)
+  for candidate in (path, os.path.join(path, "checkpoints")):
+    if os.path.isdir(candidate):
+      steps = sorted(int(n) for n in os.listdir(candidate)
+                     if n.isdigit() and _is_step_dir(os.path.join(candidate, n)))
+      if steps:
+        return candidate, steps[-1]
+  raise FileNotFoundError(
+      f"{path}: no Orbax checkpoint found (expected STEP/params and STEP/model_config under it or "
+      "under its checkpoints/ folder). Pass a run directory, its checkpoints/ folder, or one step.")
+
+
+def is_checkpoint(path: str) -> bool:
+  try:
+    resolve_checkpoint(path)
+    return True
+  except (FileNotFoundError, ValueError):
+    return False
+
+
+def find_tokenizer_dir(path: str) -> str | None:
+  """The `tokenizer/` folder a run keeps beside `checkpoints/` (None if there is none)."""
+  directory, _ = resolve_checkpoint(path)
+  candidate = os.path.join(os.path.dirname(directory), "tokenizer")
+  return candidate if os.path.isdir(candidate) else None
+
+
+def save_model(model: Transformer, directory: str, step: int) -> None:
+  """Saves `model` as `directory/<step>` (synchronously; the trainer uses its own async manager)."""
+  with ocp.CheckpointManager(os.path.abspath(directory),
+                             options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False)) as mngr:
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.state(model)),
+        model_config=ocp.args.JsonSave(config_to_json(model.cfg))))
+    mngr.wait_until_finished()
+
+
+def load_model(path: str, *, mesh: Mesh | None = None, rules: sharding.Rules = sharding.TRAIN_RULES,
+               **overrides) -> Transformer:
+  """Restores a model from a step/checkpoints/run directory, sharded on `mesh` (or one device).
+
+  `overrides` replace execution fields of the stored config (dtype, attention_backend, remat).
+  """
+  directory, step = resolve_checkpoint(path)
+  with ocp.CheckpointManager(directory) as mngr:
+    meta = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+    cfg = config_from_json(meta.model_config).replace(**overrides)
+    graphdef, abs_state = nnx.split(abstract_model(cfg))
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: device, abs_state, is_leaf=is_var)
+    else:
+      shardings = sharding.state_shardings(abs_state, mesh, rules)
+    target = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s)),
+        abs_state, shardings, is_leaf=is_var)
+    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+  return nnx.merge(graphdef, restored.params)
