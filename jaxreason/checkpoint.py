@@ -82,7 +82,7 @@ def save_model(model: Transformer, directory: str, step: int) -> None:
   with ocp.CheckpointManager(os.path.abspath(directory),
                              options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False)) as mngr:
     mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(nnx.state(model)),
+        params=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
         model_config=ocp.args.JsonSave(config_to_json(model.cfg))))
     mngr.wait_until_finished()
 
@@ -97,15 +97,18 @@ def load_model(path: str, *, mesh: Mesh | None = None, rules: sharding.Rules = s
   with ocp.CheckpointManager(directory) as mngr:
     meta = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
     cfg = config_from_json(meta.model_config).replace(**overrides)
-    graphdef, abs_state = nnx.split(abstract_model(cfg))
-    is_var = lambda x: isinstance(x, nnx.Variable)
-    if mesh is None:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda _: device, abs_state, is_leaf=is_var)
-    else:
-      shardings = sharding.state_shardings(abs_state, mesh, rules)
-    target = jax.tree.map(
-        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s)),
-        abs_state, shardings, is_leaf=is_var)
+    graphdef, target = abstract_params(cfg, mesh, rules)
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
   return nnx.merge(graphdef, restored.params)
+
+
+def abstract_params(cfg: ModelConfig, mesh: Mesh | None = None,
+                    rules: sharding.Rules = sharding.TRAIN_RULES):
+  """(graphdef, pure dict of ShapeDtypeStructs carrying the target shardings) for restoring."""
+  graphdef, abs_state = nnx.split(abstract_model(cfg))
+  if mesh is None:
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  shardings = sharding.pure_shardings(abs_state, mesh, rules)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nnx.to_pure_dict(abs_state), shardings)
+  return graphdef, target

@@ -132,6 +132,17 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules):
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def pure_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
+  """Like `state_shardings`, as a pure nested dict (the layout of `nnx.to_pure_dict`)."""
+  out: dict = {}
+  for path, var in nnx.to_flat_state(state):
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = variable_sharding(var, mesh, rules)
+  return out
+
+
 # ----------------------------------------------------------------- activation constraints
 _ACTIVE: list[tuple[Mesh, Rules]] = []
 

@@ -1,0 +1,1 @@
+"""Training: `python -m jaxreason.train --config FILE`."""
