@@ -1,10 +1,10 @@
 """Built-in verifiable reasoning tasks, generated offline (procedural, seeded).
 
 `addition`: a + b with `digits` in [min_digits, max_digits]. The thinking trace works column by
-column from the right ("7+8=15, write 5, carry 1"), so harder problems need longer reasoning:
+column from the right ("7+8=15" then "5+6+1=12" ...), so harder problems need longer reasoning:
 capping the thinking tokens cuts the trace and the answer suffers, which makes the s1 scaling
 curve visible even for tiny models (ENV.md measured 0.00/0.14/0.38/0.81 at 8/16/32/64 tokens).
-Rows: {"id", "question", "answer", "thinking"}.
+Rows: {"id", "question", "answer", "thinking", "attempt"} (s1 columns: question, thinking, attempt).
 """
 
 from __future__ import annotations
@@ -23,18 +23,22 @@ def register_task(name: str):
 
 
 def addition_trace(a: int, b: int) -> str:
-  """Column-by-column addition, one line per column, least significant first."""
+  """Column-by-column addition, one line per column, least significant first.
+
+  457 + 68 -> "7+8=15\n5+6+1=12\n4+0+1=5": each line adds the column's digits and the carry from
+  the line before; the answer's digits are the lines' last digits read upwards (plus a final
+  carry line "1" when one is left).
+  """
   xs, ys = str(a)[::-1], str(b)[::-1]
   lines, carry = [], 0
   for i in range(max(len(xs), len(ys))):
     x = int(xs[i]) if i < len(xs) else 0
     y = int(ys[i]) if i < len(ys) else 0
     total = x + y + carry
-    terms = f"{x}+{y}" + (f"+{carry}" if carry else "")
+    lines.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={total}")
     carry = total // 10
-    lines.append(f"{terms}={total}, write {total % 10}" + (f", carry {carry}" if carry else ""))
   if carry:
-    lines.append(f"write {carry}")
+    lines.append(str(carry))
   return "\n".join(lines)
 
 
@@ -49,7 +53,7 @@ def addition(n: int = 200, seed: int = 0, min_digits: int = 2, max_digits: int =
     a = rng.randint(10 ** (da - 1), 10**da - 1)
     b = rng.randint(10 ** (db - 1), 10**db - 1)
     rows.append({"id": f"add-{seed}-{i}", "question": f"{a}+{b}", "answer": str(a + b),
-                 "thinking": addition_trace(a, b)})
+                 "thinking": addition_trace(a, b), "attempt": str(a + b)})
   return rows
 
 

@@ -87,9 +87,25 @@ def initial_params(cfg, model_cfg: ModelConfig, mesh) -> dict:
   return nnx.to_pure_dict(nnx.state(model))
 
 
+def materialize_task(spec: str, out_dir: str, name: str) -> str:
+  """Writes a built-in task (`task:NAME[:k=v,...]`) as JSONL under `out_dir/data/` and returns the path."""
+  import json
+  from jaxreason.data.tasks import load_task
+  rows = load_task(spec[len("task:"):])
+  path = os.path.join(out_dir, "data", f"{name}.jsonl")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp{jax.process_index()}"
+  with open(tmp, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  os.replace(tmp, path)
+  return path
+
+
 def build_data(cfg, tokenizer):
   from jaxreason.data.pipeline import build_train_batches
-  sources = [(s.path, s.format, s.weight) for s in cfg.data.train]
+  sources = [(materialize_task(s.path, cfg.output_dir, f"train{i}") if s.path.startswith("task:") else s.path,
+              s.format, s.weight) for i, s in enumerate(cfg.data.train)]
   if not sources:
     raise ValueError("data.train is empty: list at least one training file")
   return build_train_batches(
@@ -120,7 +136,11 @@ def run(cfg) -> dict[str, Any]:
 
   data = build_data(cfg, tokenizer)
   steps_per_epoch = max(1, int(data.steps_per_epoch))
-  total_steps = cfg.train.max_steps or steps_per_epoch * cfg.data.num_epochs
+  total_steps = cfg.train.max_steps or data.num_batches
+  if total_steps > data.num_batches:
+    raise ValueError(f"train.max_steps ({total_steps}) is more than the data provides "
+                     f"({data.num_batches} batches in {cfg.data.num_epochs} epoch(s)); raise data.num_epochs")
+  data_iter = iter(data)
   warmup = optim.warmup_steps(total_steps, cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio)
 
   graphdef, abs_state = nnx.split(abstract_model(model_cfg))
@@ -140,7 +160,7 @@ def run(cfg) -> dict[str, Any]:
                               abs_params)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     state, meta, _ = ckpt.restore(latest, abstract)
-    data.set_state(meta["data_state"])
+    data_iter.set_state(meta["data_state"])
     start = int(meta["step"])
   else:
     with sharding.use_mesh(mesh, rules):
@@ -158,7 +178,7 @@ def run(cfg) -> dict[str, Any]:
       wandb_project=cfg.logging.wandb_project, wandb_run=cfg.logging.wandb_run,
       progress_bar=cfg.logging.progress_bar, is_main=is_main)
   if is_main:
-    stats = dict(getattr(data, "stats", {}) or {})
+    stats = {k: v for k, v in data.stats.items() if isinstance(v, (int, float))}
     logger.message(f"model: {model_cfg.model_type}, {model_cfg.num_params() / 1e6:.2f}M params; mesh "
                    f"{dict(mesh.shape)}; {total_steps} steps ({steps_per_epoch}/epoch), global batch "
                    f"{global_batch} x {cfg.data.seq_len} tokens, {accum} micro-batch(es)"
@@ -175,7 +195,7 @@ def run(cfg) -> dict[str, Any]:
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
 
   def save(step: int, force: bool = False):
-    meta = {"step": step, "data_state": data.get_state(), "seed": cfg.seed, "total_steps": total_steps}
+    meta = {"step": step, "data_state": data_iter.get_state(), "seed": cfg.seed, "total_steps": total_steps}
     ckpt.save(step, state, model_cfg, meta, force=force)
 
   last_metrics: dict[str, Any] = {}
@@ -183,7 +203,7 @@ def run(cfg) -> dict[str, Any]:
   step = start
   try:
     while step < total_steps:
-      local = next(data)
+      local = next(data_iter)
       window_tokens += float(np.count_nonzero(np.asarray(local["segments"]))) * jax.process_count()
       batch = {}
       for k, v in local.items():
@@ -224,10 +244,32 @@ def run(cfg) -> dict[str, Any]:
   return result
 
 
+def held_out(cfg) -> str:
+  """The eval data; a built-in task is written to a file without the questions seen in training."""
+  import json
+  e = cfg.eval
+  if not e.data.startswith("task:"):
+    return e.data
+  from jaxreason.data.sources import read_rows
+  from jaxreason.data.tasks import load_task
+  seen = set()
+  for i, s in enumerate(cfg.data.train):
+    path = os.path.join(cfg.output_dir, "data", f"train{i}.jsonl") if s.path.startswith("task:") else s.path
+    if os.path.exists(path):
+      seen.update(str(r.get("question")) for r in read_rows(path))
+  rows = [r for r in load_task(e.data[len("task:"):]) if str(r["question"]) not in seen]
+  path = os.path.join(cfg.output_dir, "data", "eval.jsonl")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  return path
+
+
 def run_final_eval(cfg) -> dict:
   from jaxreason.eval.run import EvalConfig, run_eval
   e = cfg.eval
-  ecfg = EvalConfig(model=cfg.output_dir, data=e.data, out=os.path.join(cfg.output_dir, "eval"), format=e.format,
+  ecfg = EvalConfig(model=cfg.output_dir, data=held_out(cfg), out=os.path.join(cfg.output_dir, "eval"), format=e.format,
                     budgets=tuple(e.budgets), num_waits=e.num_waits, n=e.n, temperature=e.temperature,
                     max_new_tokens=e.max_new_tokens, max_answer_tokens=e.max_answer_tokens, limit=e.limit,
                     batch_size=e.batch_size, seed=cfg.seed)
