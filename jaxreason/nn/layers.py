@@ -13,6 +13,7 @@ from flax import nnx
 from jaxreason import sharding
 from jaxreason.ops import attention as attention_ops
 from jaxreason.ops import masks
+from jaxreason.ops.activations import swiglu
 from jaxreason.ops import rope as rope_ops
 
 
@@ -142,7 +143,7 @@ class MLP(nnx.Module):
     u = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt))
     if self.bias:
       g, u = g + self.gate_bias[...].astype(dt), u + self.up_bias[...].astype(dt)
-    h = sharding.constrain(jax.nn.silu(g) * u, ("act_batch", "act_length", "act_mlp"))
+    h = sharding.constrain(swiglu(g, u), ("act_batch", "act_length", "act_mlp"))
     y = jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt))
     if self.bias:
       y = y + self.down_bias[...].astype(dt)

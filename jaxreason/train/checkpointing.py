@@ -25,12 +25,14 @@ class TrainCheckpointer:
   def __init__(self, directory: str, *, keep_last: int = 3, keep_steps: tuple[int, ...] = (),
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    keep = set(keep_steps)
+    from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+    policies = [pp.LatestN(keep_last)]
+    if keep_steps:
+      policies.append(pp.CustomSteps(list(keep_steps)))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep_last if keep_last > 0 else None,
+        preservation_policy=pp.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
-        should_keep_fn=(lambda step: step in keep) if keep else None,
         create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
