@@ -159,6 +159,7 @@ BF_CASES = {
     "two_waits": dict(num_waits=2),
     "two_waits_with_cap": dict(num_waits=2, max_thinking_tokens=9),
     "min_thinking": dict(min_thinking_tokens=6),
+    "zero_budget": dict(max_thinking_tokens=0),  # forced at once; "\n" first unless the prompt ends in one
 }
 
 
@@ -166,7 +167,7 @@ BF_CASES = {
 def test_budget_forcing_matches_multi_call_reference(bf_model, case):
   hf, sampler = bf_model
   bf = _bf(**BF_CASES[case])
-  prompts = [[5, 17, 3, 99, 42, 7, 8], [13, 14, 15], [120, 121, 122, 123]]
+  prompts = [[5, 17, 3, 99, 42, 7, 8], [13, 14, 15], [120, 121, 122, 123], [9, 8, NEWLINE]]
   out = sampler.generate(prompts, SamplingConfig(max_new_tokens=64, stop_token_ids=(EOS,)), bf)
   exercised = set()
   for i, p in enumerate(prompts):

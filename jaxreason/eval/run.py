@@ -154,8 +154,10 @@ def _generate_vllm(model_dir, cfg: EvalConfig, prompts, bf, tokenizer, sampling_
   from jaxreason.sampling.sampler import newline_mask_for
   model_dir = _hf_dir_for_vllm(model_dir, cfg.out, tokenizer)
   vocab = len(tokenizer)
-  job = vllm_backend.make_job(prompts, sampling_cfg, bf, newline_mask_for(tokenizer, vocab), seed=seed)
-  (out,) = vllm_backend.generate_vllm(model_dir, [job])
+  job = vllm_backend.job_from_config(prompts, sampling_cfg, bf, newline_mask_for(tokenizer, vocab), seed=seed)
+  max_len = max(len(p) for p in prompts) + sampling_cfg.max_new_tokens + 8
+  (out,) = vllm_backend.generate_vllm(model_dir, [job], max_model_len=max_len,
+                                      dtype="float32" if cfg.dtype == "float32" else "bfloat16", seed=seed)
   progress.update(len(prompts) * sampling_cfg.n)
   return [(0, out)]
 
@@ -175,6 +177,7 @@ def run_eval(cfg: EvalConfig, *, tokenizer=None, log=print) -> dict[str, Any]:
   sampling_cfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                 top_k=cfg.top_k, n=cfg.n, stop_token_ids=stop_ids,
                                 pad_token_id=tokenizer.pad_token_id or 0)
+  end_markers = [tokenizer.decode([i]) for i in set(stop_ids) | {tokenizer.pad_token_id} if i is not None]
   generate = _generate_jax if cfg.backend == "jax" else _generate_vllm
   os.makedirs(cfg.out, exist_ok=True)
 
@@ -191,7 +194,10 @@ def run_eval(cfg: EvalConfig, *, tokenizer=None, log=print) -> dict[str, Any]:
       for j, toks in enumerate(out.tokens):
         ex = examples[start + int(out.prompt_index[j])]
         response = tokenizer.decode(toks, skip_special_tokens=False)
-        graded = reward_fn(response, ex["answer"])
+        graded_text = response
+        for marker in end_markers:  # the end-of-turn token is not part of the answer
+          graded_text = graded_text.replace(marker, "")
+        graded = reward_fn(graded_text, ex["answer"])
         reward = reward_value(graded)
         correct = (graded.get("answer_reward", reward) if isinstance(graded, dict) else reward) >= 1.0 - 1e-9
         model_tokens = ~np.asarray(out.injected[j], bool)
@@ -199,7 +205,7 @@ def run_eval(cfg: EvalConfig, *, tokenizer=None, log=print) -> dict[str, Any]:
         rows.append(dict(
             id=ex["id"], budget=budget, sample=j % cfg.n, prompt=texts[start + int(out.prompt_index[j])],
             response=response, response_token_ids=list(map(int, toks)), ground_truth=ex["answer"],
-            answer=extract_answer(response, ef.extract), reward=reward,
+            answer=extract_answer(graded_text, ef.extract), reward=reward,
             format_reward=graded.get("format_reward") if isinstance(graded, dict) else None,
             correct=bool(correct), thinking_tokens=int(out.thinking_tokens[j]),
             answer_tokens=int(out.answer_tokens[j]), waits=int(out.waits[j]),

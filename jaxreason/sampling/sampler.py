@@ -83,18 +83,19 @@ def _pad_queue(seq: Sequence[int], q: int) -> np.ndarray:
 
 
 def _initial_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, bf: BudgetForcing | None,
-                   cache_len: int) -> LoopState:
+                   cache_len: int, newline_mask: jax.Array) -> LoopState:
   b = tokens.shape[0]
   positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
   cache = KVCache.init(model.cfg, b, cache_len)
   hidden, cache = model.hidden_states(tokens, positions, mask.astype(jnp.int32), cache)
   logits = model.logits(hidden[:, -1:])[:, 0]
   next_pos = jnp.sum(mask, axis=-1).astype(jnp.int32)
+  last_nl = newline_mask[tokens[:, -1]]  # prompts are left-padded: the last column is real
   if cfg.n > 1:  # share the prefill across the n samples of each prompt
     rep = functools.partial(jnp.repeat, repeats=cfg.n, total_repeat_length=b * cfg.n)
     cache = KVCache(k=rep(cache.k, axis=1), v=rep(cache.v, axis=1), positions=rep(cache.positions, axis=0),
                     segments=rep(cache.segments, axis=0), index=cache.index)
-    logits, next_pos = rep(logits, axis=0), rep(next_pos, axis=0)
+    logits, next_pos, last_nl = rep(logits, axis=0), rep(next_pos, axis=0), rep(last_nl, axis=0)
     b = b * cfg.n
   m = cfg.max_new_tokens
   w = max([1] + [len(s) for s in cfg.stop_sequences])
@@ -107,7 +108,7 @@ def _initial_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, b
       length=zeros(), done=zeros(bool), finish=zeros(), window=jnp.full((b, w), -1, jnp.int32),
       phase=zeros() if bf is not None else jnp.ones((b,), jnp.int32),
       think_gen=zeros(), think_total=zeros(), answer_tokens=zeros(), waits=zeros(), forced=zeros(bool),
-      last_nl=jnp.ones((b,), bool), queue=jnp.zeros((b, q), jnp.int32), queue_len=zeros(), queue_pos=zeros())
+      last_nl=last_nl, queue=jnp.zeros((b, q), jnp.int32), queue_len=zeros(), queue_pos=zeros())
 
 
 def _step(model: Transformer, s: LoopState, cfg: SamplingConfig, bf: BudgetForcing | None,
@@ -196,7 +197,7 @@ def _step(model: Transformer, s: LoopState, cfg: SamplingConfig, bf: BudgetForci
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "cache_len"))
 def _generate(state, tokens, mask, rng, newline_mask, *, graphdef, cfg, bf, cache_len) -> LoopState:
   model = nnx.merge(graphdef, state)
-  s = _initial_state(model, tokens, mask, rng, cfg, bf, cache_len)
+  s = _initial_state(model, tokens, mask, rng, cfg, bf, cache_len, newline_mask)
 
   def cond(s):
     return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
