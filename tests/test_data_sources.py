@@ -165,3 +165,11 @@ def test_eval_examples_errors():
   with pytest.raises(S.DataError, match="id 1 repeats row 2"):
     S.eval_examples([{"question": "a", "answer": "1"}, {"question": "b", "answer": "1"},
                      {"question": "c", "answer": "1", "id": 1}], "d.jsonl")
+
+
+def test_tfds_source_without_tensorflow_is_a_clear_error():
+  import importlib.util
+  if importlib.util.find_spec("tensorflow_datasets") is not None:
+    pytest.skip("tensorflow-datasets is installed here")
+  with pytest.raises(S.DataError, match=r"tfds:gsm8k:train: TFDS sources need .*jaxreason\[tfds\]"):
+    S.read_rows("tfds:gsm8k:train")

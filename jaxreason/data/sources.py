@@ -144,6 +144,8 @@ def read_rows(path: str | os.PathLike, *, split: str | None = None, limit: int |
   `split` is for DatasetDict directories only; with a single file it is an error.
   """
   _check_limit(limit)
+  if str(path).startswith("tfds:"):
+    return _read_tfds(str(path), split, limit)
   fmt, p = _format(path), _name(path)
   if split is not None and fmt != "datasets":
     raise DataError(f"{p}: split={split!r} was given, but a {fmt} file has no splits; drop split")
@@ -158,10 +160,37 @@ def read_rows(path: str | os.PathLike, *, split: str | None = None, limit: int |
   return rows if limit is None else rows[:limit]
 
 
+def _read_tfds(spec: str, split: str | None, limit: int | None) -> list[dict]:
+  """`tfds:NAME[/CONFIG][:SPLIT]` through tensorflow-datasets (the optional `tfds` extra).
+
+  Rows are the examples' features as Python values (bytes decoded as UTF-8). TFDS_DATA_DIR selects
+  the data directory; nothing is downloaded unless the dataset is already prepared there.
+  """
+  body = spec[len("tfds:"):]
+  name, _, spec_split = body.partition(":")
+  split = split or spec_split or "train"
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DataError(f"{spec}: TFDS sources need tensorflow-datasets and tensorflow: "
+                    "pip install 'jaxreason[tfds]'") from None
+  try:
+    ds = tfds.load(name, split=split, data_dir=os.environ.get("TFDS_DATA_DIR"), download=False)
+  except Exception as e:  # tfds raises many types; the message is what the user needs
+    raise DataError(f"{spec}: tfds.load({name!r}, split={split!r}) failed: {e}") from None
+  rows = []
+  for ex in tfds.as_numpy(ds):
+    rows.append({k: (v.decode("utf-8") if isinstance(v, bytes) else v.tolist() if hasattr(v, "tolist") else v)
+                 for k, v in ex.items()})
+    if limit is not None and len(rows) >= limit:
+      break
+  return rows
+
+
 def iter_rows(path: str | os.PathLike, *, split: str | None = None, limit: int | None = None) -> Iterator[dict]:
   """Rows one at a time. jsonl is streamed line by line; other formats are read whole first."""
   _check_limit(limit)
-  if _format(path) != "jsonl":
+  if str(path).startswith("tfds:") or _format(path) != "jsonl":
     yield from read_rows(path, split=split, limit=limit)
     return
   if split is not None:

