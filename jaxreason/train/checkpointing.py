@@ -41,11 +41,15 @@ class TrainCheckpointer:
 
   def save(self, step: int, state: TrainState, model_cfg: ModelConfig, meta: dict[str, Any],
            force: bool = False) -> bool:
-    return self.manager.save(step, args=ocp.args.Composite(
+    saved = self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
         model_config=ocp.args.JsonSave(config_to_json(model_cfg)),
         train_meta=ocp.args.JsonSave(meta)), force=force)
+    if os.environ.get("JAXREASON_TEST_KILL_IN_SAVE") == str(step):  # tests: die mid-save (async write running)
+      import signal
+      os.kill(os.getpid(), signal.SIGKILL)
+    return saved
 
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict, ModelConfig]:
     """Restores onto the shardings carried by `abstract_state` (any mesh)."""
