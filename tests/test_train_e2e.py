@@ -184,3 +184,19 @@ def test_print_config(tmp_path):
                       "--print-config"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
   assert r.returncode == 0
   assert "lr: 0.5" in r.stdout and "global_batch_size: 8" in r.stdout
+
+
+@pytest.mark.slow
+def test_resume_on_a_different_mesh(straight, tmp_path):
+  """Train to step 10 on 8 devices (data 2 x fsdp 2 x tensor 2), resume to 20 on 1 device."""
+  cfg, out = _config(tmp_path, "k")
+  _train(cfg, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "checkpoint.keep_steps=[10]",
+         env=_env(devices=8, JAXREASON_TEST_KILL_IN_SAVE="15"), check=False)
+  assert (out / "checkpoints" / "10" / "commit_success.txt").exists()
+  assert not (out / "checkpoints" / "20").exists()
+  _train(cfg)  # one device, default mesh
+  a, b = _losses(straight), _losses(out)
+  np.testing.assert_allclose([b[s] for s in range(1, 21)], [a[s] for s in range(1, 21)], rtol=1e-4)
+  pa, pb = _final_params(straight), _final_params(out)
+  for k in pa:
+    np.testing.assert_allclose(pb[k], pa[k], atol=1e-4, rtol=1e-3)
