@@ -59,7 +59,7 @@ def test_loss_and_grads_match_pytorch(tmp_path, normalization):
     return sft.sft_loss_terms(nnx.merge(graphdef, p), jb, normalization=normalization, norms=norms, chunk=5)[0]
 
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
-  np.testing.assert_allclose(float(loss), float(ref), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-6, atol=1e-6)
   torch_grads = {n: p.grad.numpy() for n, p in hf.named_parameters()}
   for e in param_map(model.cfg):
     ours = grads

@@ -46,7 +46,7 @@ def make_sft_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Sc
     metrics = {
         "loss": loss,
         "nll_per_token": nll / jnp.maximum(norms["tokens"], 1.0),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state.step),
         "trained_tokens": norms["tokens"],
         "tokens": jnp.sum(flat["segments"] > 0).astype(jnp.float32),
