@@ -77,6 +77,17 @@ def find_tokenizer_dir(path: str) -> str | None:
   return candidate if os.path.isdir(candidate) else None
 
 
+def tokenizer_dir_for(model_path: str) -> str:
+  """Where the tokenizer of a model lives: a checkpoint run's `tokenizer/`, or the HF dir itself."""
+  if not is_checkpoint(model_path):
+    return model_path
+  tok_dir = find_tokenizer_dir(model_path)
+  if tok_dir is None:
+    raise FileNotFoundError(f"{model_path}: the checkpoint's run has no tokenizer/ folder; "
+                            "give the tokenizer directory explicitly (--tokenizer / `tokenizer:`)")
+  return tok_dir
+
+
 def save_model(model: Transformer, directory: str, step: int) -> None:
   """Saves `model` as `directory/<step>` (synchronously; the trainer uses its own async manager)."""
   with ocp.CheckpointManager(os.path.abspath(directory),

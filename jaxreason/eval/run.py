@@ -127,14 +127,7 @@ def load_any_model(path: str, **overrides):
 def resolve_tokenizer(cfg: EvalConfig):
   from jaxreason import checkpoint
   from jaxreason.data.tokenizer import load_tokenizer
-  if cfg.tokenizer:
-    return load_tokenizer(cfg.tokenizer)
-  if checkpoint.is_checkpoint(cfg.model):
-    tok_dir = checkpoint.find_tokenizer_dir(cfg.model)
-    if tok_dir is None:
-      raise FileNotFoundError(f"{cfg.model}: the checkpoint's run has no tokenizer/ folder; pass --tokenizer DIR")
-    return load_tokenizer(tok_dir)
-  return load_tokenizer(cfg.model)
+  return load_tokenizer(cfg.tokenizer or checkpoint.tokenizer_dir_for(cfg.model))
 
 
 def _hf_dir_for_vllm(model_dir: str, out: str, tokenizer) -> str:

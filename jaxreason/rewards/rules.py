@@ -79,6 +79,11 @@ def r1_zero(response: str, ground_truth: Any) -> dict[str, float]:
   response = sanitize(response)
   if "</think> <answer>" not in response or "</answer>" not in response:
     return dict(_R1_UNFORMATTED)
+  return _grade_tagged_answer(response, ground_truth)
+
+
+def _grade_tagged_answer(response: str, ground_truth: Any) -> dict[str, float]:
+  """Text after the last `<answer>` without `</answer>` (boxed content if boxed), graded."""
   answer = response.split("<answer>")[-1].replace("</answer>", "")
   if "\\boxed" in answer:
     answer = last_boxed(answer)
@@ -126,9 +131,4 @@ def think_answer(response: str, ground_truth: Any) -> dict[str, float]:
   end, start = response.find("</think>"), response.rfind("<answer>")
   if end < 0 or start < end or response.find("</answer>", start) < 0:
     return dict(_R1_UNFORMATTED)
-  answer = response.split("<answer>")[-1].replace("</answer>", "")
-  if "\\boxed" in answer:
-    answer = last_boxed(answer)
-    if answer is None:
-      return dict(_R1_WRONG)
-  return dict(_R1_RIGHT if equiv_any(answer.strip(), ground_truth) else _R1_WRONG)
+  return _grade_tagged_answer(response, ground_truth)

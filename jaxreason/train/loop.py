@@ -44,12 +44,7 @@ def resolve_tokenizer(cfg):
   if cfg.tokenizer:
     return load_tokenizer(cfg.tokenizer)
   if cfg.init_from:
-    if checkpoint.is_checkpoint(cfg.init_from):
-      tok_dir = checkpoint.find_tokenizer_dir(cfg.init_from)
-      if tok_dir is None:
-        raise FileNotFoundError(f"init_from {cfg.init_from}: its run has no tokenizer/ folder; set `tokenizer`")
-      return load_tokenizer(tok_dir)
-    return load_tokenizer(cfg.init_from)
+    return load_tokenizer(checkpoint.tokenizer_dir_for(cfg.init_from))
   raise ValueError("set `tokenizer` (a tokenizer directory or builtin:char) when training from scratch")
 
 
