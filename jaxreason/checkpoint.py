@@ -98,6 +98,14 @@ def save_model(model: Transformer, directory: str, step: int) -> None:
     mngr.wait_until_finished()
 
 
+def load_model_config(path: str) -> ModelConfig:
+  """The ModelConfig stored with a checkpoint (step, checkpoints or run directory)."""
+  directory, step = resolve_checkpoint(path)
+  with ocp.CheckpointManager(directory) as mngr:
+    meta = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+  return config_from_json(meta.model_config)
+
+
 def load_model(path: str, *, mesh: Mesh | None = None, rules: sharding.Rules = sharding.TRAIN_RULES,
                **overrides) -> Transformer:
   """Restores a model from a step/checkpoints/run directory, sharded on `mesh` (or one device).
@@ -105,9 +113,8 @@ def load_model(path: str, *, mesh: Mesh | None = None, rules: sharding.Rules = s
   `overrides` replace execution fields of the stored config (dtype, attention_backend, remat).
   """
   directory, step = resolve_checkpoint(path)
+  cfg = load_model_config(path).replace(**overrides)
   with ocp.CheckpointManager(directory) as mngr:
-    meta = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
-    cfg = config_from_json(meta.model_config).replace(**overrides)
     graphdef, target = abstract_params(cfg, mesh, rules)
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
   return nnx.merge(graphdef, restored.params)

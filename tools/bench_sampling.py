@@ -28,21 +28,6 @@ QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
                   tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
 
 
-def matmul_peak(dtype: str, n: int = 2048, reps: int = 10) -> float:
-  """GFLOP/s of a jitted n x n x n matmul (bf16 inputs accumulate in fp32)."""
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  f(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best / 1e9
-
-
 def flops_per_token(cfg, context: int) -> float:
   d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
   n, k, layers = cfg.num_heads, cfg.num_kv_heads, cfg.num_layers
@@ -119,7 +104,8 @@ def main() -> None:
     print("building the random Qwen2.5-0.5B-shaped model ...", flush=True)
     make_model_dir(d)
     cfg = load_hf_config(d)
-    peaks = {dt: matmul_peak(dt) for dt in args.dtypes.split(",")}
+    from jaxreason.train.metrics_log import peak_flops_per_device
+    peaks = {dt: peak_flops_per_device(dt) / 1e9 for dt in args.dtypes.split(",")}
     print("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
     rng = np.random.default_rng(0)
     for b in [int(x) for x in args.batches.split(",")]:

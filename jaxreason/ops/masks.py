@@ -21,11 +21,6 @@ def attention_mask(q_positions: jnp.ndarray, q_segments: jnp.ndarray,
   return same_segment & causal & valid_key
 
 
-def segments_from_padding(padding_mask: jnp.ndarray) -> jnp.ndarray:
-  """A 0/1 (or bool) mask of real tokens -> segment ids (1 for real tokens, 0 for pads)."""
-  return padding_mask.astype(jnp.int32)
-
-
 def positions_from_padding(padding_mask: jnp.ndarray) -> jnp.ndarray:
   """Positions counting real tokens only (left padding safe): cumsum(mask) - 1, clipped at 0."""
   m = padding_mask.astype(jnp.int32)

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxreason.models.transformer import KVCache, Transformer
+from jaxreason.ops import masks
 from jaxreason.sampling import strategies
 from jaxreason.sampling.config import FINISH_REASONS, BudgetForcing, SamplingConfig
 
@@ -85,7 +86,7 @@ def _pad_queue(seq: Sequence[int], q: int) -> np.ndarray:
 def _initial_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, bf: BudgetForcing | None,
                    cache_len: int, newline_mask: jax.Array) -> LoopState:
   b = tokens.shape[0]
-  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+  positions = masks.positions_from_padding(mask)
   cache = KVCache.init(model.cfg, b, cache_len)
   hidden, cache = model.hidden_states(tokens, positions, mask.astype(jnp.int32), cache)
   logits = model.logits(hidden[:, -1:])[:, 0]

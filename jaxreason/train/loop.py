@@ -54,11 +54,7 @@ def resolve_model_config(cfg, tokenizer) -> ModelConfig:
   execution = {k: getattr(cfg.model, k) for k in EXECUTION_FIELDS}
   if cfg.init_from:
     if checkpoint.is_checkpoint(cfg.init_from):
-      import orbax.checkpoint as ocp
-      directory, step = checkpoint.resolve_checkpoint(cfg.init_from)
-      with ocp.CheckpointManager(directory) as mngr:
-        meta = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
-      return checkpoint.config_from_json(meta.model_config).replace(**execution)
+      return checkpoint.load_model_config(cfg.init_from).replace(**execution)
     return load_hf_config(cfg.init_from, **execution)
   model_cfg = cfg.model
   if model_cfg.vocab_size < len(tokenizer):
