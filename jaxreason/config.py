@@ -31,7 +31,8 @@ from jaxreason.sharding import MeshConfig
 
 __all__ = [
     "ConfigError", "TrainConfig", "DataSource", "DataConfig", "OptimizerConfig", "ScheduleConfig",
-    "LoopConfig", "CheckpointConfig", "LoggingConfig", "EvalSection", "load_config", "config_to_dict",
+    "LoopConfig", "CheckpointConfig", "LoggingConfig", "EvalSection", "RolloutConfig", "GRPOConfig",
+    "DPOConfig", "RewardModelConfig", "ExpertIterationConfig", "load_config", "config_to_dict",
     "dump_yaml", "EXECUTION_FIELDS",
 ]
 
@@ -247,6 +248,118 @@ class EvalSection:
     _positive(self, "max_answer_tokens", "limit", optional=True)
 
 
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+IS_LEVELS = ("token", "sequence")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Sampling from the policy during training (GRPO rollouts, expert iteration, DPO self-pairs).
+
+  Prompts are the questions of `data.train` (rows with a question/problem/prompt and an answer),
+  rendered in `format` (its prompt and thinking opener, as at evaluation).
+  """
+
+  format: str = "s1"  # prompt/answer format: one of EVAL_FORMATS (also the default reward)
+  prompts_per_step: int = 16  # questions per rollout batch (all processes together)
+  num_generations: int = 8  # G: completions per question
+  temperature: float = 1.0  # the policy's logits are divided by it when scoring, too
+  top_p: float = 1.0
+  top_k: int = 0
+  max_new_tokens: int = 512  # the whole completion (thinking + answer)
+  max_thinking_tokens: int | None = None  # budget forcing during rollouts; null: no cap
+  num_waits: int = 0  # budget forcing: "Wait" extensions
+  stop: tuple[str, ...] = ()  # extra stop strings (e.g. "</answer>"); the tokenizer's eos always stops
+  batch_size: int | None = None  # questions per sampler call; null: the whole rollout batch
+
+  def __post_init__(self):
+    _choice(self, "format", EVAL_FORMATS)
+    _positive(self, "prompts_per_step", "num_generations", "max_new_tokens")
+    _positive(self, "max_thinking_tokens", "batch_size", optional=True)
+    _require(self.temperature >= 0, "temperature", f"must be >= 0; got {self.temperature}")
+    _require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1]; got {self.top_p}")
+    _require(self.top_k >= 0, "top_k", f"must be >= 0 (0: off); got {self.top_k}")
+    _require(self.num_waits >= 0, "num_waits", f"must be >= 0; got {self.num_waits}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """GRPO and its variants (SPEC §5). `train.global_batch_size` counts completions per optimizer step."""
+
+  rewards: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> weight; {}: the format's reward
+  scale_rewards: str = "group"  # advantage scaling: group | batch | none (Dr.GRPO)
+  loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+  importance_sampling_level: str = "token"  # token (GRPO) | sequence (GSPO)
+  eps_low: float = 0.2  # clip range below 1
+  eps_high: float = 0.2  # clip range above 1 (DAPO clip-higher: 0.28)
+  beta: float = 0.0  # k3 KL to the frozen initial policy; 0: no reference model is kept
+  entropy_coef: float = 0.0  # entropy bonus
+  num_iterations: int = 1  # mu: passes over each rollout batch (old log-probs from the sampler)
+  mask_truncated_completions: bool = False  # completions that never ended get no loss
+  dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards and refill with new ones
+  max_refills: int = 4  # dynamic sampling: extra rollout rounds per step before training on what is there
+  overlong_buffer: int | None = None  # DAPO overlong shaping: penalise length past max_new_tokens - buffer
+  overlong_penalty: float = 1.0  # penalty at max_new_tokens (scaled linearly inside the buffer)
+  advantage_eps: float = 1e-4
+  log_samples_every: int = 10  # steps between logging sample generations (0: never)
+
+  def __post_init__(self):
+    _choice(self, "scale_rewards", SCALE_REWARDS)
+    _choice(self, "loss_type", GRPO_LOSS_TYPES)
+    _choice(self, "importance_sampling_level", IS_LEVELS)
+    for name in ("eps_low", "eps_high", "beta", "entropy_coef", "overlong_penalty"):
+      _require(getattr(self, name) >= 0, name, f"must be >= 0; got {getattr(self, name)}")
+    _require(self.eps_low < 1, "eps_low", f"must be < 1; got {self.eps_low}")
+    _positive(self, "num_iterations", "advantage_eps")
+    _positive(self, "overlong_buffer", optional=True)
+    _require(self.max_refills >= 0, "max_refills", f"must be >= 0; got {self.max_refills}")
+    _require(self.log_samples_every >= 0, "log_samples_every", f"must be >= 0; got {self.log_samples_every}")
+    for name, w in self.rewards.items():
+      _require(bool(name), "rewards", "keys must be reward names (see jaxreason.rewards) or module:function")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  """DPO (SPEC §6). Data: rows with prompt/chosen/rejected (text or chat messages)."""
+
+  beta: float = 0.1
+  loss_type: str = "sigmoid"  # sigmoid | hinge | ipo | robust
+  label_smoothing: float = 0.0
+  precompute_ref: bool = True  # reference log-probs once before training; false: on the fly each step
+  self_pairs: str | None = None  # question/answer data: build pairs from the initial model's right and wrong answers
+  pairs_per_question: int = 1  # self_pairs: at most this many (right, wrong) pairs per question
+
+  def __post_init__(self):
+    _positive(self, "beta", "pairs_per_question")
+    _choice(self, "loss_type", DPO_LOSS_TYPES)
+    _in_range(self, "label_smoothing", 0.0, 0.5, hi_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig:
+  """Pairwise (Bradley-Terry) reward model on the decoder. Data: prompt/chosen/rejected rows."""
+
+  center_coef: float = 0.0  # TRL's center_rewards_coefficient
+
+  def __post_init__(self):
+    _require(self.center_coef >= 0, "center_coef", f"must be >= 0; got {self.center_coef}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertIterationConfig:
+  """CS336 expert iteration: sample `rollout.num_generations` per question, keep the verified correct, SFT, repeat."""
+
+  rounds: int = 3  # R
+  questions_per_round: int = 512  # questions sampled each round
+  epochs_per_round: int = 1  # SFT passes over the kept completions
+  reward: str | None = None  # verifier; null: the rollout format's reward
+
+  def __post_init__(self):
+    _positive(self, "rounds", "questions_per_round", "epochs_per_round")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   output_dir: str  # checkpoints, logs and the resolved config go here
@@ -264,6 +377,11 @@ class TrainConfig:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
   eval: EvalSection | None = None  # evaluation at the end; null: none
+  rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)  # grpo, expert_iteration, dpo self_pairs
+  grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+  dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+  reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
+  expert_iteration: ExpertIterationConfig = dataclasses.field(default_factory=ExpertIterationConfig)
 
   def __post_init__(self):
     _require(bool(self.output_dir), "output_dir", "must not be empty")

@@ -8,11 +8,11 @@ Resuming is automatic when `output_dir/checkpoints` holds a step.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -106,128 +106,207 @@ def build_data(cfg, tokenizer):
       process_index=jax.process_index(), process_count=jax.process_count(), truncation=cfg.data.truncation)
 
 
-def run(cfg) -> dict[str, Any]:
-  """Trains according to `cfg` (a TrainConfig); returns the final metrics (and eval summary)."""
-  from jaxreason.config import dump_yaml
-  if cfg.algorithm != "sft":
-    raise NotImplementedError(f"algorithm {cfg.algorithm!r} is not implemented yet; available: sft")
-  is_main = jax.process_index() == 0
-  out = cfg.output_dir
-  os.makedirs(out, exist_ok=True)
-  if is_main:
-    with open(os.path.join(out, "config.yaml"), "w") as f:
-      f.write(dump_yaml(cfg))
+@dataclasses.dataclass
+class RunSetup:
+  """What every algorithm's loop starts from: tokenizer, model config, mesh, abstract model."""
 
+  cfg: Any
+  tokenizer: Any
+  model_cfg: ModelConfig
+  mesh: Any
+  rules: Any
+  graphdef: Any
+  abs_state: Any  # nnx.State of ShapeDtypeStructs
+  is_main: bool
+
+  @property
+  def out(self) -> str:
+    return self.cfg.output_dir
+
+  @property
+  def abs_params(self) -> dict:
+    return nnx.to_pure_dict(self.abs_state)
+
+
+def setup_run(cfg) -> RunSetup:
+  """Writes config.yaml and tokenizer/ to the run dir; resolves the model config and the mesh."""
+  from jaxreason.config import dump_yaml
+  is_main = jax.process_index() == 0
+  os.makedirs(cfg.output_dir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+      f.write(dump_yaml(cfg))
   tokenizer = resolve_tokenizer(cfg)
-  if is_main and not os.path.isdir(os.path.join(out, "tokenizer")):
-    tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
+  if is_main and not os.path.isdir(os.path.join(cfg.output_dir, "tokenizer")):
+    tokenizer.save_pretrained(os.path.join(cfg.output_dir, "tokenizer"))
   model_cfg = resolve_model_config(cfg, tokenizer)
   mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.TRAIN_RULES
+  graphdef, abs_state = nnx.split(abstract_model(model_cfg))
+  return RunSetup(cfg=cfg, tokenizer=tokenizer, model_cfg=model_cfg, mesh=mesh, rules=sharding.TRAIN_RULES,
+                  graphdef=graphdef, abs_state=abs_state, is_main=is_main)
 
-  data = build_data(cfg, tokenizer)
+
+def make_tx(cfg, abs_params: dict, total_steps: int):
+  """AdamW + schedule from the config's optimizer and schedule sections -> (tx, schedule)."""
+  warmup = optim.warmup_steps(total_steps, cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio)
+  o = cfg.optimizer
+  return optim.make_optimizer(
+      abs_params, lr=o.lr, total_steps=total_steps, warmup=warmup, decay=cfg.schedule.decay,
+      min_lr_ratio=cfg.schedule.min_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+      decay_embeddings=o.decay_embeddings, max_grad_norm=o.max_grad_norm, mu_dtype=o.mu_dtype)
+
+
+def make_checkpointer(cfg) -> TrainCheckpointer:
+  return TrainCheckpointer(os.path.join(cfg.output_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
+                           keep_steps=tuple(cfg.checkpoint.keep_steps), async_save=cfg.checkpoint.async_save)
+
+
+def restore_or_init(rs: RunSetup, tx, shardings: TrainState, ckpt: TrainCheckpointer,
+                    params_fn: Callable[[], dict] | None = None) -> tuple[TrainState, dict | None]:
+  """The latest checkpoint's state and train_meta, or a fresh state (params from `params_fn`,
+  default: `init_from` or a seeded init) and None."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                              rs.abs_params)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    state, meta, _ = ckpt.restore(latest, abstract)
+    return state, meta
+  with sharding.use_mesh(rs.mesh, rs.rules):
+    params = params_fn() if params_fn is not None else initial_params(rs.cfg, rs.model_cfg, rs.mesh)
+    return init_train_state(params, tx, shardings), None
+
+
+def make_logger(rs: RunSetup, total_steps: int, start: int) -> metrics_log.MetricsLogger:
+  lc = rs.cfg.logging
+  return metrics_log.MetricsLogger(
+      rs.out, total_steps=total_steps, start_step=start, tensorboard=lc.tensorboard,
+      wandb_project=lc.wandb_project, wandb_run=lc.wandb_run, progress_bar=lc.progress_bar, is_main=rs.is_main)
+
+
+def global_batch(local: dict, accum: int, global_size: int, batch_sharding) -> dict:
+  """Process-local rows [B_local, ...] -> global arrays [A, B_global / A, ...] for the jitted step."""
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    v = v.reshape((accum, v.shape[0] // accum) + v.shape[1:])
+    out[k] = jax.make_array_from_process_local_data(batch_sharding, v, (accum, global_size // accum) + v.shape[2:])
+  return out
+
+
+class PreemptionGuard:
+  """Within `with`, SIGTERM only sets `.requested`; the loop saves and raises `Preempted`."""
+
+  def __init__(self, enabled: bool):
+    self.enabled, self.requested, self.previous = enabled, False, None
+
+  def __enter__(self):
+    if self.enabled:
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "requested", True))
+    return self
+
+  def __exit__(self, *exc):
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
+    return False
+
+
+RUNNERS = {
+    "sft": "jaxreason.train.loop:run_sft",
+    "pretrain": "jaxreason.train.loop:run_sft",  # next-token loss on every token (data format pretrain_text)
+    "grpo": "jaxreason.train.grpo_trainer:run_grpo",
+    "dpo": "jaxreason.train.preference:run_dpo",
+    "reward_model": "jaxreason.train.preference:run_reward_model",
+    "expert_iteration": "jaxreason.train.expert_iteration:run_expert_iteration",
+}
+
+
+def run(cfg) -> dict[str, Any]:
+  """Trains according to `cfg` (a TrainConfig) with its algorithm's loop; returns final metrics (and eval)."""
+  import importlib
+  module, name = RUNNERS[cfg.algorithm].split(":")
+  try:
+    runner = getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError):
+    raise NotImplementedError(f"algorithm {cfg.algorithm!r} is not implemented yet") from None
+  return runner(cfg)
+
+
+def run_sft(cfg) -> dict[str, Any]:
+  """SFT / pre-training: one jitted step per batch of the Grain pipeline."""
+  rs = setup_run(cfg)
+  data = build_data(cfg, rs.tokenizer)
   steps_per_epoch = max(1, int(data.steps_per_epoch))
   total_steps = cfg.train.max_steps or data.num_batches
   if total_steps > data.num_batches:
     raise ValueError(f"train.max_steps ({total_steps}) is more than the data provides "
                      f"({data.num_batches} batches in {cfg.data.num_epochs} epoch(s)); raise data.num_epochs")
   data_iter = iter(data)
-  warmup = optim.warmup_steps(total_steps, cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio)
-
-  graphdef, abs_state = nnx.split(abstract_model(model_cfg))
-  abs_params = nnx.to_pure_dict(abs_state)
-  o = cfg.optimizer
-  tx, schedule = optim.make_optimizer(
-      abs_params, lr=o.lr, total_steps=total_steps, warmup=warmup, decay=cfg.schedule.decay,
-      min_lr_ratio=cfg.schedule.min_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-      decay_embeddings=o.decay_embeddings, max_grad_norm=o.max_grad_norm, mu_dtype=o.mu_dtype)
-  shardings = state_shardings(abs_state, tx, mesh, rules)
-
-  ckpt = TrainCheckpointer(os.path.join(out, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
-                           keep_steps=tuple(cfg.checkpoint.keep_steps), async_save=cfg.checkpoint.async_save)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                              abs_params)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    state, meta, _ = ckpt.restore(latest, abstract)
+  tx, schedule = make_tx(cfg, rs.abs_params, total_steps)
+  shardings = state_shardings(rs.abs_state, tx, rs.mesh, rs.rules)
+  ckpt = make_checkpointer(cfg)
+  state, meta = restore_or_init(rs, tx, shardings, ckpt)
+  start = 0
+  if meta is not None:
     data_iter.set_state(meta["data_state"])
     start = int(meta["step"])
-  else:
-    with sharding.use_mesh(mesh, rules):
-      state = init_train_state(initial_params(cfg, model_cfg, mesh), tx, shardings)
-    start = 0
 
-  global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size or cfg.train.global_batch_size
-  accum = global_batch // micro
-  batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
-  step_fn = jit_step(make_sft_step(graphdef, tx, schedule, normalization=cfg.train.loss_normalization),
+  gbs, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size or cfg.train.global_batch_size
+  accum = gbs // micro
+  batch_sharding = NamedSharding(rs.mesh, PartitionSpec(None, ("data", "fsdp"), None))
+  step_fn = jit_step(make_sft_step(rs.graphdef, tx, schedule, normalization=cfg.train.loss_normalization),
                      shardings, batch_sharding)
 
-  logger = metrics_log.MetricsLogger(
-      out, total_steps=total_steps, start_step=start, tensorboard=cfg.logging.tensorboard,
-      wandb_project=cfg.logging.wandb_project, wandb_run=cfg.logging.wandb_run,
-      progress_bar=cfg.logging.progress_bar, is_main=is_main)
-  if is_main:
+  logger = make_logger(rs, total_steps, start)
+  if rs.is_main:
     stats = {k: v for k, v in data.stats.items() if isinstance(v, (int, float))}
-    logger.message(f"model: {model_cfg.model_type}, {model_cfg.num_params() / 1e6:.2f}M params; mesh "
-                   f"{dict(mesh.shape)}; {total_steps} steps ({steps_per_epoch}/epoch), global batch "
-                   f"{global_batch} x {cfg.data.seq_len} tokens, {accum} micro-batch(es)"
+    logger.message(f"model: {rs.model_cfg.model_type}, {rs.model_cfg.num_params() / 1e6:.2f}M params; mesh "
+                   f"{dict(rs.mesh.shape)}; {total_steps} steps ({steps_per_epoch}/epoch), global batch "
+                   f"{gbs} x {cfg.data.seq_len} tokens, {accum} micro-batch(es)"
                    + (f"; resumed at step {start}" if start else ""))
     if stats:
       logger.message("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
-  fpt = metrics_log.flops_per_token(model_cfg, cfg.data.seq_len)
-  peak = metrics_log.peak_flops_per_device(model_cfg.dtype)
+  fpt = metrics_log.flops_per_token(rs.model_cfg, cfg.data.seq_len)
+  peak = metrics_log.peak_flops_per_device(rs.model_cfg.dtype)
   peak_total = peak if jax.default_backend() == "cpu" else peak * jax.device_count()
-
-  preempted = {"flag": False}
-  previous = None
-  if cfg.checkpoint.save_on_preemption:
-    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
 
   def save(step: int, force: bool = False):
     meta = {"step": step, "data_state": data_iter.get_state(), "seed": cfg.seed, "total_steps": total_steps}
-    ckpt.save(step, state, model_cfg, meta, force=force)
+    ckpt.save(step, state, rs.model_cfg, meta, force=force)
 
   last_metrics: dict[str, Any] = {}
   window_tokens, window_start, window_step = 0.0, time.perf_counter(), start
   step = start
   try:
-    while step < total_steps:
-      local = next(data_iter)
-      window_tokens += float(np.count_nonzero(np.asarray(local["segments"]))) * jax.process_count()
-      batch = {}
-      for k, v in local.items():
-        v = np.asarray(v)
-        v = v.reshape((accum, v.shape[0] // accum) + v.shape[1:])
-        global_shape = (accum, global_batch // accum) + v.shape[2:]
-        batch[k] = jax.make_array_from_process_local_data(batch_sharding, v, global_shape)
-      with sharding.use_mesh(mesh, rules):
-        state, metrics = step_fn(state, batch)
-      step += 1
-      logger.advance()
-      if step % cfg.train.log_every == 0 or step == total_steps:
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - window_start
-        steps_in_window = step - window_step
-        tps = window_tokens / max(elapsed, 1e-9)
-        last_metrics = {**{k: float(v) for k, v in metrics.items()}, "tokens_per_sec": tps,
-                        "step_time": elapsed / max(1, steps_in_window), "mfu": tps * fpt / peak_total,
-                        "epoch": step / steps_per_epoch}
-        logger.log(step, last_metrics)
-        window_tokens, window_start, window_step = 0.0, time.perf_counter(), step
-      if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
-        save(step)
-      if preempted["flag"]:
-        save(step, force=True)
-        ckpt.wait()
-        logger.message(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting (resume by rerunning)")
-        raise Preempted(step)
+    with PreemptionGuard(cfg.checkpoint.save_on_preemption) as guard:
+      while step < total_steps:
+        local = next(data_iter)
+        window_tokens += float(np.count_nonzero(np.asarray(local["segments"]))) * jax.process_count()
+        batch = global_batch(local, accum, gbs, batch_sharding)
+        with sharding.use_mesh(rs.mesh, rs.rules):
+          state, metrics = step_fn(state, batch)
+        step += 1
+        logger.advance()
+        if step % cfg.train.log_every == 0 or step == total_steps:
+          metrics = jax.device_get(metrics)
+          elapsed = time.perf_counter() - window_start
+          steps_in_window = step - window_step
+          tps = window_tokens / max(elapsed, 1e-9)
+          last_metrics = {**{k: float(v) for k, v in metrics.items()}, "tokens_per_sec": tps,
+                          "step_time": elapsed / max(1, steps_in_window), "mfu": tps * fpt / peak_total,
+                          "epoch": step / steps_per_epoch}
+          logger.log(step, last_metrics)
+          window_tokens, window_start, window_step = 0.0, time.perf_counter(), step
+        if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+          save(step)
+        if guard.requested:
+          save(step, force=True)
+          ckpt.wait()
+          logger.message(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting (resume by rerunning)")
+          raise Preempted(step)
   finally:
     ckpt.close()
     logger.close()
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
 
   result: dict[str, Any] = {"final_step": step, "metrics": last_metrics}
   if cfg.eval is not None:
