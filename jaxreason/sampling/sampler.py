@@ -240,9 +240,21 @@ class Sampler:
     vocab = model.cfg.vocab_size
     self.newline_mask = jnp.asarray(newline_mask if newline_mask is not None else np.zeros((vocab,), bool))
 
+  @classmethod
+  def for_graph(cls, graphdef, cfg, newline_mask: np.ndarray | None = None) -> "Sampler":
+    """A sampler with no weights yet (trainers): `set_state` before `generate`."""
+    self = cls.__new__(cls)
+    self.graphdef, self.cfg, self.state = graphdef, cfg, None
+    self.newline_mask = jnp.asarray(newline_mask if newline_mask is not None else np.zeros((cfg.vocab_size,), bool))
+    return self
+
   def update_weights(self, model: Transformer) -> None:
     """Points the sampler at new weights (no recompilation; no copy when dtypes already match)."""
     self.state = _cast_state(nnx.state(model), model.cfg.dtype)
+
+  def set_state(self, state) -> None:
+    """Points the sampler at a parameter tree (nnx.State or pure dict) for `graphdef`."""
+    self.state = _cast_state(state, self.cfg.dtype)
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                budget: BudgetForcing | None = None, seed: int | jax.Array = 0) -> SamplingOutput:

@@ -185,13 +185,21 @@ def make_logger(rs: RunSetup, total_steps: int, start: int) -> metrics_log.Metri
 
 
 def global_batch(local: dict, accum: int, global_size: int, batch_sharding) -> dict:
-  """Process-local rows [B_local, ...] -> global arrays [A, B_global / A, ...] for the jitted step."""
+  """Process-local rows [B_local, ...] -> global arrays [A, B_global / A, ...] for the jitted step.
+
+  `batch_sharding`: one sharding for every array, or a dict of them by key."""
   out = {}
   for k, v in local.items():
     v = np.asarray(v)
     v = v.reshape((accum, v.shape[0] // accum) + v.shape[1:])
-    out[k] = jax.make_array_from_process_local_data(batch_sharding, v, (accum, global_size // accum) + v.shape[2:])
+    s = batch_sharding[k] if isinstance(batch_sharding, dict) else batch_sharding
+    out[k] = jax.make_array_from_process_local_data(s, v, (accum, global_size // accum) + v.shape[2:])
   return out
+
+
+def row_shardings(mesh, ranks: dict[str, int]) -> dict[str, NamedSharding]:
+  """Per-key shardings for [A, B, ...] batches: B over data x fsdp, the rest replicated."""
+  return {k: NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), *([None] * (r - 2)))) for k, r in ranks.items()}
 
 
 class PreemptionGuard:
