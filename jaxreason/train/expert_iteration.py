@@ -1,0 +1,152 @@
+"""Expert iteration (`algorithm: expert_iteration`, CS336 assignment 5; SPEC §5).
+
+Each of `expert_iteration.rounds` rounds: sample `rollout.num_generations` completions for
+`questions_per_round` questions from the current policy, keep the verified-correct ones (distinct
+completions per question), write them as prompt/response rows to output_dir/data/ei_round{r}.jsonl
+and run SFT on them for `epochs_per_round` epochs (the same jitted SFT step as `algorithm: sft`,
+completion-only loss). One train state and optimizer carry across rounds; the learning-rate
+schedule spans an upper bound of the optimizer steps (every completion kept). The kept fraction
+and accuracy of every round are logged. Checkpoints record the round, the SFT data position and
+the question stream, so a preempted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxreason import sharding
+from jaxreason.data.pipeline import build_train_batches
+from jaxreason.train.loop import (Preempted, PreemptionGuard, global_batch, make_checkpointer, make_logger, make_tx,
+                                  restore_or_init, row_shardings, run_final_eval, setup_run)
+from jaxreason.train.rollout import QuestionStream, Rewards, RolloutSampler, load_questions
+from jaxreason.train.state import state_shardings
+from jaxreason.train.step import jit_step, make_sft_step
+
+
+def _kept_rows(c, correct: np.ndarray) -> list[dict]:
+  rows, g = [], c.group_size
+  for j, q in enumerate(c.questions):
+    seen = set()
+    for k in range(g):
+      i = j * g + k
+      text = c.graded_texts[i]
+      if correct[i] and text not in seen:
+        seen.add(text)
+        rows.append({"id": f"{q.id}-{k}", "prompt": q.text, "response": text})
+  return rows
+
+
+def run_expert_iteration(cfg) -> dict[str, Any]:
+  if not cfg.data.train:
+    raise ValueError("data.train is empty: list question/answer files (or a task:) to sample from")
+  rc, ec = cfg.rollout, cfg.expert_iteration
+  rs = setup_run(cfg)
+  tok = rs.tokenizer
+  questions = load_questions([s.path for s in cfg.data.train], rs.out, rc.format, tok)
+  gbs = cfg.train.global_batch_size
+  micro = cfg.train.micro_batch_size or gbs
+  accum = gbs // micro
+  # Upper bound: every completion kept, one example per row.
+  max_round_steps = math.ceil(ec.questions_per_round * rc.num_generations * ec.epochs_per_round / gbs)
+  total_steps = ec.rounds * max_round_steps
+  tx, schedule = make_tx(cfg, rs.abs_params, total_steps)
+  shardings = state_shardings(rs.abs_state, tx, rs.mesh, rs.rules)
+  ckpt = make_checkpointer(cfg)
+  state, meta = restore_or_init(rs, tx, shardings, ckpt)
+  meta = meta or {"step": 0, "round": 0, "round_data_state": None, "stream_position": 0}
+  stream = QuestionStream(questions, cfg.seed, position=int(meta["stream_position"]))
+  step = int(meta["step"])
+
+  batch_sharding = row_shardings(rs.mesh, {k: 3 for k in ("inputs", "targets", "weights", "positions", "segments")})
+  step_fn = jit_step(make_sft_step(rs.graphdef, tx, schedule, normalization=cfg.train.loss_normalization),
+                     shardings, batch_sharding)
+  roller = RolloutSampler(rs.graphdef, rs.abs_state, rs.model_cfg, rs.mesh, tok, rc)
+  rewards = Rewards({ec.reward: 1.0} if ec.reward else {}, rc.format)
+  verifier = ec.reward or rewards.verifier_name
+
+  logger = make_logger(rs, ec.rounds, int(meta["round"]))
+  if rs.is_main:
+    logger.message(f"expert iteration: {ec.rounds} rounds x {ec.questions_per_round} questions x "
+                   f"{rc.num_generations} samples, verifier {verifier}, {ec.epochs_per_round} SFT epoch(s) per round"
+                   + (f"; resumed in round {int(meta['round']) + 1} at step {step}" if step else ""))
+  rounds_log = []
+  try:
+    with PreemptionGuard(cfg.checkpoint.save_on_preemption) as guard:
+      for r in range(int(meta["round"]), ec.rounds):
+        path = os.path.join(rs.out, "data", f"ei_round{r}.jsonl")
+        resumed_mid_round = meta.get("round_data_state") is not None and int(meta["round"]) == r
+        t0 = time.perf_counter()
+        if not (resumed_mid_round and os.path.exists(path)):
+          roller.set_params(state.params)
+          c = roller.sample(stream.take(ec.questions_per_round), seed=cfg.seed * 1_000_003 + r)
+          graded = rewards(c)
+          correct = graded["reward" if ec.reward else "correct"] >= 1.0 - 1e-9
+          rows = _kept_rows(c, correct)
+          if rs.is_main:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+              for row in rows:
+                f.write(json.dumps(row) + "\n")
+            os.replace(path + ".tmp", path)
+          info = {"round": r + 1, "kept_fraction": float(correct.mean()), "kept": len(rows),
+                  "accuracy": float(graded["correct"].mean()),
+                  "completion_length": float(np.mean([len(t) for t in c.output.tokens])),
+                  "time_rollout": time.perf_counter() - t0}
+        else:
+          rows = [json.loads(line) for line in open(path)]
+          info = {"round": r + 1, "kept": len(rows)}
+        if not rows:
+          logger.message(f"round {r + 1}: no correct completion to train on; next round")
+          meta = {"round_data_state": None}
+          rounds_log.append(info)
+          continue
+        data = build_train_batches([(path, "prompt_response", 1.0)], tok, seq_len=cfg.data.seq_len,
+                                   global_batch_size=gbs, packing=cfg.data.packing, seed=cfg.seed + r,
+                                   num_epochs=ec.epochs_per_round, process_index=jax.process_index(),
+                                   process_count=jax.process_count(), truncation=cfg.data.truncation)
+        it = iter(data)
+        done = 0
+        if resumed_mid_round:
+          it.set_state(meta["round_data_state"])
+          done = int(meta.get("round_step", 0))
+        losses = []
+        for _ in range(done, data.num_batches):
+          batch = global_batch(next(it), accum, gbs, batch_sharding)
+          with sharding.use_mesh(rs.mesh, rs.rules):
+            state, m = step_fn(state, batch)
+          losses.append(m["loss"])
+          step += 1
+          done += 1
+          if guard.requested:
+            _save(ckpt, state, rs, step, r, it.get_state(), done, stream)
+            ckpt.wait()
+            logger.message(f"SIGTERM: saved step {step} (round {r + 1}) to {ckpt.directory}; exiting")
+            raise Preempted(step)
+        info.update(sft_steps=done, sft_loss=float(np.mean(jax.device_get(losses))) if losses else float("nan"),
+                    step=step, lr=float(schedule(step)))
+        logger.advance()
+        logger.log(r + 1, info)
+        rounds_log.append(info)
+        meta = {"round_data_state": None}
+        _save(ckpt, state, rs, step, r + 1, None, 0, stream)
+  finally:
+    ckpt.close()
+    logger.close()
+
+  result: dict[str, Any] = {"final_step": step, "rounds": rounds_log}
+  if cfg.eval is not None:
+    result["eval"] = run_final_eval(cfg)
+  return result
+
+
+def _save(ckpt, state, rs, step: int, round_: int, data_state, round_step: int, stream: QuestionStream) -> None:
+  meta = {"step": step, "round": round_, "round_data_state": data_state, "round_step": round_step,
+          "stream_position": stream.position}
+  ckpt.save(step, state, rs.model_cfg, meta, force=True)
