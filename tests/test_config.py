@@ -1,5 +1,6 @@
 """TrainConfig: defaults, YAML round trips, --set overrides, and errors that say where and what to do."""
 
+import os
 import textwrap
 
 import pytest
@@ -305,3 +306,12 @@ def test_direct_construction_is_checked_too():
   with pytest.raises(ConfigError, match=r"micro_batch_size \(3\) must divide global_batch_size \(16\)"):
     LoopConfig(global_batch_size=16, micro_batch_size=3)
   assert isinstance(ConfigError("x"), ValueError)
+
+
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(_CONFIGS) if f.endswith(".yaml")))
+def test_shipped_configs_load(name):
+  cfg = load_config(os.path.join(_CONFIGS, name))
+  assert load_config(None, base=__import__("yaml").safe_load(dump_yaml(cfg))) == cfg
