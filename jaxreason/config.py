@@ -37,7 +37,9 @@ __all__ = [
 ]
 
 ALGORITHMS = ("sft", "pretrain", "dpo", "grpo", "reward_model", "expert_iteration")
-DATA_FORMATS = ("s1", "think", "chat_messages", "prompt_response", "minimind", "r1_zero", "pretrain_text")
+# `preference`: prompt/chosen/rejected rows for dpo and reward_model (jaxreason.data.preference).
+DATA_FORMATS = ("s1", "think", "chat_messages", "prompt_response", "minimind", "r1_zero", "pretrain_text",
+                "preference")
 EVAL_FORMATS = ("s1", "think", "r1_zero", "boxed", "chat", "raw")  # = jaxreason.eval.formats.EVAL_FORMATS
 DECAYS = ("cosine", "linear", "constant")
 LOSS_NORMALIZATIONS = ("token", "sequence")
