@@ -6,7 +6,9 @@ Layout (the trainer adds its own items next to these in each step):
   RUN_DIR/checkpoints/<step>/model_config  ModelConfig as JSON (each step is self-contained)
 
 `resolve_checkpoint` accepts a step directory, a `checkpoints/` directory or a run directory
-(latest step). Restoring builds abstract arrays with the target mesh's shardings, so a checkpoint
+(latest step). A reward model's steps also hold a `reward_model` JSON item (its params are the
+decoder's plus a `score_head`): `load_model` refuses them, `jaxreason.train.reward_model.load_scorer`
+loads them. Restoring builds abstract arrays with the target mesh's shardings, so a checkpoint
 saved on 8 devices restores on 1 (and the reverse). Saves are atomic: Orbax writes to a temporary
 directory and renames it when complete, so an interrupted save leaves the previous step intact.
 """
@@ -70,6 +72,15 @@ def is_checkpoint(path: str) -> bool:
     return False
 
 
+REWARD_MODEL_ITEM = "reward_model"
+
+
+def is_reward_model(path: str) -> bool:
+  """Whether the checkpoint at `path` is a reward model (decoder + score head), not a policy."""
+  directory, step = resolve_checkpoint(path)
+  return os.path.isdir(os.path.join(directory, str(step), REWARD_MODEL_ITEM))
+
+
 def find_tokenizer_dir(path: str) -> str | None:
   """The `tokenizer/` folder a run keeps beside `checkpoints/` (None if there is none)."""
   directory, _ = resolve_checkpoint(path)
@@ -113,6 +124,10 @@ def load_model(path: str, *, mesh: Mesh | None = None, rules: sharding.Rules = s
   `overrides` replace execution fields of the stored config (dtype, attention_backend, remat).
   """
   directory, step = resolve_checkpoint(path)
+  if is_reward_model(path):
+    raise ValueError(f"{path}: this is a reward model checkpoint (a decoder with a score head), not a policy; "
+                     "it cannot be sampled, evaluated or exported as a language model. Load it with "
+                     "jaxreason.train.reward_model.load_scorer, or use it as the reward 'reward_model:PATH'.")
   cfg = load_model_config(path).replace(**overrides)
   with ocp.CheckpointManager(directory) as mngr:
     graphdef, target = abstract_params(cfg, mesh, rules)

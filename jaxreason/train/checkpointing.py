@@ -40,12 +40,14 @@ class TrainCheckpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState, model_cfg: ModelConfig, meta: dict[str, Any],
-           force: bool = False) -> bool:
+           force: bool = False, extra: dict[str, dict] | None = None) -> bool:
+    """`extra`: more JSON items of the step (e.g. the reward model's marker), by item name."""
+    items = {name: ocp.args.JsonSave(value) for name, value in (extra or {}).items()}
     saved = self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
         model_config=ocp.args.JsonSave(config_to_json(model_cfg)),
-        train_meta=ocp.args.JsonSave(meta)), force=force)
+        train_meta=ocp.args.JsonSave(meta), **items), force=force)
     if os.environ.get("JAXREASON_TEST_KILL_IN_SAVE") == str(step):  # tests: die mid-save (async write running)
       import signal
       os.kill(os.getpid(), signal.SIGKILL)

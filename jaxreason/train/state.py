@@ -33,8 +33,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def state_shardings(abs_state: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: sharding.Rules = sharding.TRAIN_RULES) -> TrainState:
   """Shardings for a TrainState built from the model's abstract nnx.State."""
-  param_shardings = sharding.pure_shardings(abs_state, mesh, rules)
-  abs_params = nnx.to_pure_dict(abs_state)
+  return params_state_shardings(nnx.to_pure_dict(abs_state), sharding.pure_shardings(abs_state, mesh, rules), tx, mesh)
+
+
+def params_state_shardings(abs_params: dict, param_shardings: dict, tx: optax.GradientTransformation,
+                           mesh: Mesh) -> TrainState:
+  """Shardings for a TrainState of any parameter dict (e.g. a decoder plus a reward head)."""
   abs_opt = jax.eval_shape(tx.init, abs_params)
   opt_shardings = optax.tree_utils.tree_map_params(
       tx, lambda _, s: s, abs_opt, param_shardings,
