@@ -16,12 +16,33 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from jaxreason.ops.logprobs import token_logprobs
+
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 
 
 def sequence_logps(token_logp: Float[Array, "B T"], mask: Float[Array, "B T"]) -> Float[Array, "B"]:
   """Sum of the response-token log-probs of each row (mask = 1 on response tokens)."""
   return jnp.sum(token_logp.astype(jnp.float32) * mask.astype(jnp.float32), axis=-1)
+
+
+def pair_logps(model, batch: dict[str, jax.Array], *, chunk: int = 512):
+  """(sequence log-probs, response lengths), each [P, 2] (chosen, rejected), of `model`.
+
+  batch: tokens, response_mask, valid, each [P, 2, L] (jaxreason.data.preference); the model reads
+  tokens[..., :-1] and is scored on predicting the response tokens among tokens[..., 1:].
+  """
+  p, _, length = batch["tokens"].shape
+  flat = lambda x: x.reshape(2 * p, length)
+  tokens = flat(batch["tokens"])
+  # [2P, L-1]
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  segments = flat(batch["valid"])[:, :-1]
+  mask = flat(batch["response_mask"])[:, 1:]
+  positions = jnp.broadcast_to(jnp.arange(length - 1, dtype=jnp.int32), inputs.shape)
+  hidden, _ = model.hidden_states(inputs, positions, segments)
+  logp = token_logprobs(hidden, model.unembedding(), targets, chunk=chunk)
+  return sequence_logps(logp, mask).reshape(p, 2), jnp.sum(mask.astype(jnp.float32), -1).reshape(p, 2)
 
 
 def dpo_loss(pi_chosen: Float[Array, "B"], pi_rejected: Float[Array, "B"], ref_chosen: Float[Array, "B"],
