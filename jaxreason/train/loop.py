@@ -322,8 +322,27 @@ def run_sft(cfg) -> dict[str, Any]:
   return result
 
 
+def _training_question_files(run_dir: str, init_from: str | None, depth: int = 0) -> list[str]:
+  """Question files a run trained on (data/train*, data/pairs*, written by the loops), and those of
+  the run it started from (`init_from`, followed through each run's config.yaml)."""
+  import glob
+  import yaml
+  from jaxreason import checkpoint
+  files = sorted(glob.glob(os.path.join(run_dir, "data", "train[0-9]*.jsonl"))
+                 + glob.glob(os.path.join(run_dir, "data", "pairs[0-9]*.jsonl")))
+  if init_from and depth < 8 and checkpoint.is_checkpoint(init_from):
+    parent = os.path.dirname(checkpoint.resolve_checkpoint(init_from)[0])
+    config = os.path.join(parent, "config.yaml")
+    parent_init = None
+    if os.path.exists(config):
+      parent_init = (yaml.safe_load(open(config)) or {}).get("init_from")
+    files += _training_question_files(parent, parent_init, depth + 1)
+  return files
+
+
 def held_out(cfg) -> str:
-  """The eval data; a built-in task is written to a file without the questions seen in training."""
+  """The eval data; a built-in task is written to a file without the questions seen in training
+  (by this run, or by the runs it was initialised from)."""
   import json
   e = cfg.eval
   if not e.data.startswith("task:"):
@@ -331,10 +350,11 @@ def held_out(cfg) -> str:
   from jaxreason.data.sources import read_rows
   from jaxreason.data.tasks import load_task
   seen = set()
-  for i, s in enumerate(cfg.data.train):
-    path = os.path.join(cfg.output_dir, "data", f"train{i}.jsonl") if s.path.startswith("task:") else s.path
-    if os.path.exists(path):
-      seen.update(str(r.get("question")) for r in read_rows(path))
+  for path in _training_question_files(cfg.output_dir, cfg.init_from):
+    seen.update(str(r.get("question")) for r in read_rows(path))
+  for s in cfg.data.train:
+    if not s.path.startswith("task:") and os.path.exists(s.path):
+      seen.update(str(r.get("question")) for r in read_rows(s.path))
   rows = [r for r in load_task(e.data[len("task:"):]) if str(r["question"]) not in seen]
   path = os.path.join(cfg.output_dir, "data", "eval.jsonl")
   os.makedirs(os.path.dirname(path), exist_ok=True)
