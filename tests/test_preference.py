@@ -404,6 +404,19 @@ def test_reward_model_learns_scores_and_resumes_exactly(tmp_path, monkeypatch):
   assert np.mean(sc > sr) >= 0.8
   with pytest.raises(ValueError, match="reward model checkpoint"):
     checkpoint.load_model(a.output_dir)  # export / eval load policies this way
+  # As a GRPO reward ("reward_model:PATH", weighted with a rule reward): the scorer's values.
+  from jaxreason.train.rollout import Completions, Question, Rewards
+  from jaxreason.sampling.sampler import SamplingOutput
+  qs = [Question(id=i, text=r["prompt"], ids=(1,), answer="0") for i, r in enumerate(rows[:4])]
+  texts = [x for r in rows[:4] for x in (r["chosen"], r["rejected"])]
+  out = SamplingOutput(tokens=[[1]] * 8, logprobs=[], entropies=[], injected=[], finish_reason=["stop"] * 8,
+                       thinking_tokens=np.zeros(8), answer_tokens=np.zeros(8), waits=np.zeros(8),
+                       forced_end=np.zeros(8, bool), truncated=np.zeros(8, bool), prompt_index=np.repeat(np.arange(4), 2))
+  rewards = Rewards({f"reward_model:{a.output_dir}": 0.5, "gsm8k": 1.0}, "s1")
+  got = rewards(Completions(qs, 2, out, texts, texts))
+  want = score([q.text for q in qs for _ in range(2)], texts)
+  np.testing.assert_allclose(got[f"reward_model:{a.output_dir}"], want, rtol=1e-6)
+  np.testing.assert_allclose(got["reward"], 0.5 * want + got["gsm8k"], rtol=1e-6)
 
   b = _cfg(tmp_path / "b", None, "reward_model", data, *base)
   _preempt_after(monkeypatch, 50)
@@ -450,5 +463,4 @@ def test_quickstart_dpo_config_is_valid():
   cfg = load_config(os.path.join(REPO, "configs", "quickstart_dpo.yaml"))
   sft = load_config(os.path.join(REPO, "configs", "quickstart.yaml"))
   assert cfg.algorithm == "dpo" and cfg.init_from == "runs/quickstart" and cfg.dpo.self_pairs
-  assert cfg.eval.data == "runs/quickstart/data/eval.jsonl"  # the SFT run's held-out questions, as a file
-  assert dataclasses.replace(cfg.eval, data=sft.eval.data) == sft.eval
+  assert cfg.eval == sft.eval  # held_out() drops the SFT run's training questions too (init_from lineage)

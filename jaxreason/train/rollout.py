@@ -233,5 +233,8 @@ def build_self_pairs(rs, cfg) -> str:
       for r in rows:
         f.write(json.dumps(r) + "\n")
     os.replace(path + ".tmp", path)
+  if jax.process_count() > 1:  # the other processes read the file process 0 wrote
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("jaxreason:self_pairs")
   print(f"self_pairs: {len(rows)} pairs from {stats['with_pair']}/{stats['questions']} questions -> {path}")
   return path
