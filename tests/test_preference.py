@@ -1,7 +1,6 @@
 """DPO and reward-model training: pair data, steps against PyTorch and the SPEC §6 formulas,
 tiny end-to-end runs that learn, exact resume, load_scorer, clear errors."""
 
-import dataclasses
 import json
 import os
 import random
