@@ -34,8 +34,9 @@ from flax import nnx
 from jaxreason import sharding
 from jaxreason.ops.logprobs import token_logprobs
 from jaxreason.train import grpo as grpo_lib
-from jaxreason.train.loop import (Preempted, PreemptionGuard, RunSetup, global_batch, initial_params, make_checkpointer,
-                                  make_logger, make_tx, restore_or_init, row_shardings, run_final_eval, setup_run)
+from jaxreason.train.loop import (PreemptionGuard, RunSetup, checkpoint_tick, global_batch, initial_params,
+                                  make_checkpointer, make_logger, make_tx, restore_or_init, row_shardings,
+                                  run_final_eval, setup_run)
 from jaxreason.train.rollout import Completions, QuestionStream, Rewards, RolloutSampler, load_questions
 from jaxreason.train.state import TrainState, state_shardings
 from jaxreason.train.step import jit_step
@@ -262,7 +263,7 @@ def rollout_batch(ro: Rollout, cfg, seq_len: int, pad_id: int) -> tuple[dict[str
 
 # ------------------------------------------------------------------------------------- the loop
 def _check(cfg) -> None:
-  rc, gc = cfg.rollout, cfg.grpo
+  rc = cfg.rollout
   if not cfg.init_from:
     raise ValueError("algorithm grpo starts from a trained policy: set init_from (an HF model dir or an Orbax run)")
   if rc.temperature <= 0:
@@ -368,19 +369,10 @@ def run_grpo(cfg) -> dict[str, Any]:
           logger.log(step, metrics)
         if rs.is_main and gc.log_samples_every and (step % gc.log_samples_every == 0 or step == start + 1):
           _log_samples(samples_path, step, samples, logger)
-        if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
-          save(step)
-        if guard.requested:
-          save(step, force=True)
-          ckpt.wait()
-          logger.message(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting (resume by rerunning)")
-          raise Preempted(step)
+        checkpoint_tick(cfg, step, total_steps, save, guard, ckpt, logger)
   finally:
     ckpt.close()
     logger.close()
-    rewards_close = getattr(rewards, "close", None)
-    if rewards_close:
-      rewards_close()
 
   result: dict[str, Any] = {"final_step": step, "metrics": last}
   if cfg.eval is not None:

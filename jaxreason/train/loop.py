@@ -219,6 +219,18 @@ class PreemptionGuard:
     return False
 
 
+def checkpoint_tick(cfg, step: int, total_steps: int, save: Callable, guard: PreemptionGuard, ckpt, logger) -> None:
+  """After a step: save every `checkpoint.every_steps` and at the end; on SIGTERM save, wait for
+  the write, and raise `Preempted` (the CLI exits 143; rerunning resumes)."""
+  if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
+    save(step)
+  if guard.requested:
+    save(step, force=True)
+    ckpt.wait()
+    logger.message(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting (resume by rerunning)")
+    raise Preempted(step)
+
+
 RUNNERS = {
     "sft": "jaxreason.train.loop:run_sft",
     "pretrain": "jaxreason.train.loop:run_sft",  # next-token loss on every token (data format pretrain_text)
@@ -305,13 +317,7 @@ def run_sft(cfg) -> dict[str, Any]:
                           "epoch": step / steps_per_epoch}
           logger.log(step, last_metrics)
           window_tokens, window_start, window_step = 0.0, time.perf_counter(), step
-        if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
-          save(step)
-        if guard.requested:
-          save(step, force=True)
-          ckpt.wait()
-          logger.message(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting (resume by rerunning)")
-          raise Preempted(step)
+        checkpoint_tick(cfg, step, total_steps, save, guard, ckpt, logger)
   finally:
     ckpt.close()
     logger.close()

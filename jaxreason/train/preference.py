@@ -34,8 +34,8 @@ from jaxreason import sharding
 from jaxreason.checkpoint import REWARD_MODEL_ITEM
 from jaxreason.data.preference import PreferenceBatches, build_preference_batches
 from jaxreason.train import pair_step
-from jaxreason.train.loop import (PreemptionGuard, Preempted, RunSetup, global_batch, initial_params, make_checkpointer,
-                                  make_logger, make_tx, restore_or_init, run_final_eval, setup_run)
+from jaxreason.train.loop import (PreemptionGuard, RunSetup, checkpoint_tick, global_batch, initial_params,
+                                  make_checkpointer, make_logger, make_tx, restore_or_init, run_final_eval, setup_run)
 from jaxreason.train.reward_model import SCORE_HEAD, init_score_head
 from jaxreason.train.state import params_state_shardings, replicated, state_shardings
 
@@ -120,13 +120,7 @@ def _train(rs: RunSetup, data: PreferenceBatches, state, meta, step_fn, ckpt, to
                   "step_time": elapsed / max(1, step - window_step), "epoch": step / data.steps_per_epoch}
           logger.log(step, last)
           window_tokens, window_start, window_step = 0.0, time.perf_counter(), step
-        if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
-          save(step)
-        if guard.requested:
-          save(step, force=True)
-          ckpt.wait()
-          logger.message(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting (resume by rerunning)")
-          raise Preempted(step)
+        checkpoint_tick(cfg, step, total_steps, save, guard, ckpt, logger)
   finally:
     ckpt.close()
     logger.close()

@@ -7,7 +7,6 @@ gradient of one big batch (SPEC §2). The state is donated; metrics are returned
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
