@@ -309,7 +309,8 @@ logging: {{progress_bar: false}}
 
 def _train(path, *sets, devices=1):
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
   cmd = [sys.executable, "-m", "jaxreason.train", "--config", str(path)]
   for x in sets:
     cmd += ["--set", x]
@@ -322,10 +323,32 @@ def _metrics(out):
   return {row["step"]: row for row in map(json.loads, open(out / "metrics.jsonl"))}
 
 
-def test_grpo_end_to_end_and_exact_resume(tmp_path):
-  sft = tmp_path / "sft"
-  (tmp_path / "sft.yaml").write_text(TINY_SFT.format(out=sft))
-  _train(tmp_path / "sft.yaml")
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("sft")
+  (tmp / "sft.yaml").write_text(TINY_SFT.format(out=tmp / "sft"))
+  _train(tmp / "sft.yaml")
+  return tmp / "sft"
+
+
+def sevens(response: str, answer) -> float:
+  """Toy reward: the share of 7s in the completion (learnable by any policy)."""
+  return response.count("7") / max(1, len(response))
+
+
+def test_grpo_raises_a_toy_reward(tmp_path, tiny_sft):
+  out = tmp_path / "toy"
+  (tmp_path / "toy.yaml").write_text(TINY_GRPO.format(out=out, init=tiny_sft))
+  _train(tmp_path / "toy.yaml", f"grpo.rewards={{{__name__}:sevens: 1.0}}", "grpo.overlong_buffer=null",
+         "grpo.beta=0.0", "rollout.max_new_tokens=16", "rollout.prompts_per_step=8", "train.global_batch_size=32",
+         "optimizer.lr=3e-3", "train.max_steps=16", "checkpoint.every_steps=100")
+  m = _metrics(out)
+  first, last = m[1]["reward_mean"], np.mean([m[s]["reward_mean"] for s in (14, 15, 16)])
+  assert last > 0.02 and last > 5 * first, (first, last)  # ~0.003 -> ~0.04 in 16 steps
+
+
+def test_grpo_end_to_end_and_exact_resume(tmp_path, tiny_sft):
+  sft = tiny_sft
   a, b = tmp_path / "a", tmp_path / "b"
   for out in (a, b):
     (tmp_path / f"{out.name}.yaml").write_text(TINY_GRPO.format(out=out, init=sft))

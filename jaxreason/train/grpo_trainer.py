@@ -240,6 +240,10 @@ def rollout_batch(ro: Rollout, cfg, seq_len: int, pad_id: int) -> tuple[dict[str
     filler["mask"] = np.zeros_like(filler["mask"])
     batch = filler if batch is None else {k: np.concatenate([batch[k], filler[k]]) for k in batch}
     adv = np.concatenate([adv, np.zeros((need - n,), np.float32)])
+  # Cut the padding every row shares, to a multiple of 32 (a handful of compiled shapes).
+  used = int(batch["segments"].astype(bool).sum(axis=1).max())
+  width = min(seq_len, max(32, -(-used // 32) * 32))
+  batch = {k: v[:, :width] for k, v in batch.items()}
   batch["adv"] = adv.astype(np.float32)
   batch["valid"] = (np.arange(need) < n).astype(np.float32)
 
