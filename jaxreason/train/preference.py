@@ -114,8 +114,9 @@ def _train(rs: RunSetup, data: PreferenceBatches, state, meta, step_fn, ckpt, to
         step += 1
         logger.advance()
         if step % cfg.train.log_every == 0 or step == total_steps:
+          metrics = jax.device_get(metrics)  # waits for the step: the window's time includes it
           elapsed = time.perf_counter() - window_start
-          last = {**{k: float(v) for k, v in jax.device_get(metrics).items()},
+          last = {**{k: float(v) for k, v in metrics.items()},
                   "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
                   "step_time": elapsed / max(1, step - window_step), "epoch": step / data.steps_per_epoch}
           logger.log(step, last)
