@@ -200,3 +200,15 @@ def test_resume_on_a_different_mesh(straight, tmp_path):
   pa, pb = _final_params(straight), _final_params(out)
   for k in pa:
     np.testing.assert_allclose(pb[k], pa[k], atol=1e-4, rtol=1e-3)
+
+
+def test_pretrain_trains_every_token(tmp_path):
+  """algorithm: pretrain runs the SFT loop on pretrain_text rows: every token is a target."""
+  data = tmp_path / "text.jsonl"
+  data.write_text("".join(json.dumps({"text": f"the number {i} plus {i} is {2 * i}."}) + "\n" for i in range(64)))
+  cfg, out = _config(tmp_path, "pt")
+  _train(cfg, "algorithm=pretrain", f"data.train=['{data}']", "data.format=pretrain_text", "data.seq_len=64",
+         "train.max_steps=4", "checkpoint.every_steps=4")
+  rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+  assert rows and all(r["trained_tokens"] == r["tokens"] > 0 for r in rows)
+  assert (out / "checkpoints" / "4").is_dir()
