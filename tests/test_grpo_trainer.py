@@ -383,3 +383,22 @@ def test_grpo_end_to_end_and_exact_resume(tmp_path, tiny_sft):
   # apart a little; the sharded step itself is checked exactly in test_sharded_step_equals_one_device.
   for key in ("loss", "grad_norm", "entropy"):
     np.testing.assert_allclose(mc[1][key], ma[1][key], rtol=5e-2, atol=1e-6, err_msg=key)
+  # Two processes x 4 devices (jax.distributed over gloo): the same rollouts and first update.
+  d = tmp_path / "d"
+  (tmp_path / "d.yaml").write_text(TINY_GRPO.format(out=d, init=sft))
+  port = 20000 + (os.getpid() + 7) % 10000
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "jaxreason.train", "--config", str(tmp_path / "d.yaml"), "--set", "train.max_steps=2",
+         "--set", "mesh={data: 2, fsdp: 4, tensor: 1}", "--set", "train.micro_batch_size=null"],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+  for p in procs:
+    assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-3000:]
+  md = _metrics(d)
+  for s in (1, 2):
+    assert md[s]["reward_mean"] == ma[s]["reward_mean"] and md[s]["completion_length"] == ma[s]["completion_length"]
+  for key in ("loss", "grad_norm", "entropy"):
+    np.testing.assert_allclose(md[1][key], ma[1][key], rtol=5e-2, atol=1e-6, err_msg=key)

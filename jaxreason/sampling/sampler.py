@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import Sequence
 
 import jax
@@ -225,6 +226,21 @@ def _cast_state(state, dtype):
   return jax.tree.map(cast, state)
 
 
+_RESULT_FIELDS = ("tokens", "logprobs", "entropies", "injected", "length", "finish", "think_total", "answer_tokens",
+                  "waits", "forced")
+
+
+def _fetch(s: LoopState) -> types.SimpleNamespace:
+  """The result fields on the host (not the KV cache); gathered from every process on multi-host meshes."""
+  out = {f: getattr(s, f) for f in _RESULT_FIELDS}
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    out = multihost_utils.process_allgather(out, tiled=True)
+  else:
+    out = jax.device_get(out)
+  return types.SimpleNamespace(**out)
+
+
 class Sampler:
   """Generates from a model. `generate(prompts, cfg, budget)` takes token-id prompts.
 
@@ -272,7 +288,7 @@ class Sampler:
     rng = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
     s = _generate(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask,
                   graphdef=self.graphdef, cfg=cfg, bf=budget, cache_len=p + cfg.max_new_tokens)
-    s = jax.device_get(s)
+    s = _fetch(s)
     n = len(prompts) * cfg.n
     lens = np.asarray(s.length)
     finish = [FINISH_REASONS[int(f)] for f in np.asarray(s.finish)]

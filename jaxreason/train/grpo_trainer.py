@@ -390,6 +390,9 @@ def _score_rows(score, params, rows: dict[str, np.ndarray], micro: int, rs: RunS
   batch = {k: jnp.asarray(rows[k].reshape(n // micro, micro, t)) for k in keys}
   with sharding.use_mesh(rs.mesh, rs.rules):
     out = score(params, batch)
+  if jax.process_count() > 1:  # the rows are the same on every process: gather the whole result
+    from jax.experimental import multihost_utils
+    out = multihost_utils.process_allgather(out, tiled=True)
   return np.asarray(jax.device_get(out)).reshape(n, t)
 
 
