@@ -157,7 +157,7 @@ def _generate_vllm(model_dir, cfg: EvalConfig, prompts, bf, tokenizer, sampling_
 
 def run_eval(cfg: EvalConfig, *, tokenizer=None, log=print) -> dict[str, Any]:
   from jaxreason.eval import metrics, report
-  from jaxreason.rewards import extract_answer, get_reward_fn, reward_value
+  from jaxreason.rewards import extract_answer, get_reward_fn, is_correct, reward_value
   from jaxreason.sampling import SamplingConfig
 
   ef = EVAL_FORMATS[cfg.format]
@@ -192,7 +192,7 @@ def run_eval(cfg: EvalConfig, *, tokenizer=None, log=print) -> dict[str, Any]:
           graded_text = graded_text.replace(marker, "")
         graded = reward_fn(graded_text, ex["answer"])
         reward = reward_value(graded)
-        correct = (graded.get("answer_reward", reward) if isinstance(graded, dict) else reward) >= 1.0 - 1e-9
+        correct = is_correct(graded)
         model_tokens = ~np.asarray(out.injected[j], bool)
         ent = out.entropies[j][model_tokens]
         rows.append(dict(

@@ -32,6 +32,7 @@ from jaxreason.rewards.registry import (
   get_reward_fn,
   register_reward,
   registered_rewards,
+  is_correct,
   reward_value,
 )
 from jaxreason.rewards.rules import boxed, gsm8k, r1_zero, s1_answer, simplerl_v0, simplerl_v1
@@ -42,6 +43,6 @@ __all__ = [
   "MAX_ANSWER_CHARS", "MAX_RESPONSE_CHARS", "Grader", "default_grader", "is_equiv", "set_default_grader",
   "verify_response",
   "RewardFn", "RewardOutput", "apply_reward", "combine", "get_reward_fn", "register_reward",
-  "registered_rewards", "reward_value",
+  "registered_rewards", "reward_value", "is_correct",
   "boxed", "gsm8k", "r1_zero", "s1_answer", "simplerl_v0", "simplerl_v1",
 ]

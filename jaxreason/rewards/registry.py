@@ -88,6 +88,13 @@ def reward_value(out: RewardOutput) -> float:
   return float(out)
 
 
+def is_correct(out: RewardOutput) -> bool:
+  """Whether a graded response counts as correct: its answer reward (a dict's "answer_reward",
+  else its reward) is 1."""
+  value = out.get("answer_reward", out["reward"]) if isinstance(out, Mapping) else out
+  return float(value) >= 1.0 - 1e-9
+
+
 def combine(weights: Mapping[str | RewardFn, float]) -> RewardFn:
   """Weighted sum of reward functions: `combine({"r1_zero": 1.0, "mymod:length_penalty": 0.1})`.
 

@@ -93,11 +93,9 @@ class RolloutSampler:
 
   def __init__(self, graphdef, abs_state, model_cfg, mesh, tokenizer, rcfg):
     self.rcfg, self.tokenizer, self.mesh = rcfg, tokenizer, mesh
-    self.model_cfg = model_cfg
     self.sampling_shardings = sharding.pure_shardings(abs_state, mesh, sharding.SAMPLING_RULES)
     stop_ids = tuple(sorted({i for i in (tokenizer.eos_token_id,) if i is not None}))
     stops = tuple(tuple(tokenizer.encode(s, add_special_tokens=False)) for s in rcfg.stop)
-    self.stop_ids = stop_ids
     self.end_markers = [tokenizer.decode([i]) for i in set(stop_ids) | {tokenizer.pad_token_id} if i is not None]
     self.sampling_cfg = SamplingConfig(
         max_new_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature, top_p=rcfg.top_p, top_k=rcfg.top_k,
@@ -170,7 +168,7 @@ class Rewards:
 
   def __call__(self, c: Completions) -> dict[str, np.ndarray]:
     """{"reward": [N] weighted total, "correct": [N] bool (the format's verifier), name: [N] each}."""
-    from jaxreason.rewards import apply_reward, reward_value
+    from jaxreason.rewards import apply_reward, is_correct, reward_value
     answers = [c.question(i).answer for i in range(len(c))]
     out: dict[str, np.ndarray] = {}
     total = np.zeros((len(c),), np.float32)
@@ -182,15 +180,9 @@ class Rewards:
       out[name] = values
       total += self.weights[name] * values
     graded = apply_reward(self.verifier, c.graded_texts, answers)
-    out["correct"] = np.asarray([_is_correct(g) for g in graded])
+    out["correct"] = np.asarray([is_correct(g) for g in graded])
     out["reward"] = total
     return out
-
-
-def _is_correct(graded) -> bool:
-  from jaxreason.rewards import reward_value
-  value = graded.get("answer_reward", graded["reward"]) if isinstance(graded, dict) else reward_value(graded)
-  return float(value) >= 1.0 - 1e-9
 
 
 # ------------------------------------------------------------------------------------ DPO pairs
