@@ -324,11 +324,10 @@ def run_sft(cfg) -> dict[str, Any]:
           last_metrics = {**{k: float(v) for k, v in metrics.items()}, "tokens_per_sec": tps,
                           "step_time": elapsed / max(1, steps_in_window), "mfu": tps * fpt / peak_total,
                           "epoch": step / steps_per_epoch}
+          if heldout_eval is not None and (step % data.eval_every == 0 or step == total_steps):
+            last_metrics.update(heldout_eval(state.params))  # at log steps only (eval_every: a multiple of log_every)
           logger.log(step, last_metrics)
           window_tokens, window_start, window_step = 0.0, time.perf_counter(), step
-        if heldout_eval is not None and (step % data.eval_every == 0 or step == total_steps):
-          last_metrics.update(heldout := heldout_eval(state.params))
-          logger.log(step, heldout)
         checkpoint_tick(cfg, step, total_steps, save, guard, ckpt, logger)
   finally:
     ckpt.close()
