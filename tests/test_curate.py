@@ -136,3 +136,19 @@ def test_cli_on_builtin_pool(tmp_path):
   assert main(["--pool", "builtin", "--out", str(tmp_path), "--n", "30", "--k", "2"]) == 0
   sel = (tmp_path / "selected.jsonl").read_text().splitlines()
   assert len(sel) == 30
+
+
+def test_cli_on_files_and_errors(tmp_path, capsys):
+  from jaxreason.curate.__main__ import main
+  rows, evals = builtin_pool(seed=0)
+  pool = tmp_path / "pool.jsonl"
+  pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  ev = tmp_path / "eval.jsonl"
+  ev.write_text("".join(json.dumps(r) + "\n" for r in evals))
+  out = tmp_path / "out"
+  assert main(["--pool", str(pool), "--eval", str(ev), "--out", str(out), "--n", "1000",
+               "--stages", "quality,dedup,decontam,diversity", "--no-pattern", "asy"]) == 0
+  report = json.loads((out / "report.json").read_text())
+  assert [s["dropped"] for s in report["stages"]] == [8, 12, 6, 0]  # the 2 [asy] rows are kept
+  assert main(["--pool", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+  assert "missing.jsonl" in capsys.readouterr().err

@@ -142,3 +142,8 @@ def test_spec_options_and_errors(prepared, tmp_path):
     build_token_batches([f"tokens:{out}"], seq_len=8, global_batch_size=10**6)
   b = build_token_batches([f"tokens:{out}:eval_batches=2"], seq_len=8, global_batch_size=4)
   assert b.heldout is not None and b.heldout_batches == 2 and b.eval_every == 100
+
+
+def test_token_dtype_by_vocabulary_size():
+  from jaxreason.data.prepare import token_dtype
+  assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32

@@ -62,6 +62,14 @@ def main(argv=None) -> int:
   for s in names:
     if s not in STAGES:
       p.error(f"--stages: unknown stage {s!r}; choose from {', '.join(STAGES)}")
+  try:
+    return _run(p, a, names)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _run(p, a, names) -> int:
   if a.pool == "builtin":
     rows, evals = builtin.builtin_pool(a.seed)
     eval_sets = {"builtin_eval": evals}
@@ -106,11 +114,7 @@ def main(argv=None) -> int:
                                min_trace_length=a.min_trace_length))
     elif s == "diversity":
       stages.append(Diversity(a.n, domain_column=a.domain_column, domain_fn=_fn(a.domain_fn) if a.domain_fn else None))
-  try:
-    selected, _ = curate(rows, stages, seed=a.seed, out=a.out)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  selected, _ = curate(rows, stages, seed=a.seed, out=a.out)
   print(f"selected {len(selected)} of {len(rows)} rows -> {a.out}/selected.jsonl; report {a.out}/report.json")
   print(json.dumps(json.load(open(f"{a.out}/report.json"))["stages"], indent=1))
   return 0
