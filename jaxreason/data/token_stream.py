@@ -7,7 +7,7 @@ share one token, so every token but the first is a target exactly once; the last
 (`pipeline.build_train_batches`), each [seq_len]:
 
   inputs  window[:-1]   targets  window[1:]   weights  1.0 everywhere (every token trained)
-  segments / positions: with reset_attention (default), a new segment starts at every eos in the
+  segments / positions: with reset=1 (the default), a new segment starts at every eos in the
     inputs (the eos acts as the next document's BOS: documents never attend to each other),
     segments 1, 2, ... and positions restarting at 0 at each eos; without it, one segment
     (all 1) and positions 0 .. seq_len - 1.
