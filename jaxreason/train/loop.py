@@ -95,6 +95,11 @@ def materialize_task(spec: str, out_dir: str, name: str) -> str:
 
 def build_data(cfg, tokenizer):
   from jaxreason.data.pipeline import build_train_batches
+  if any(s.path.startswith("tokens:") for s in cfg.data.train):  # a pre-tokenised stream (data/token_stream.py)
+    from jaxreason.data.token_stream import build_token_batches
+    return build_token_batches(cfg.data.train, tokenizer, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
+                               shuffle=cfg.data.shuffle, seed=cfg.seed, num_epochs=cfg.data.num_epochs,
+                               process_index=jax.process_index(), process_count=jax.process_count())
   sources = [(materialize_task(s.path, cfg.output_dir, f"train{i}") if s.path.startswith("task:") else s.path,
               s.format, s.weight) for i, s in enumerate(cfg.data.train)]
   if not sources:
@@ -278,6 +283,10 @@ def run_sft(cfg) -> dict[str, Any]:
                      shardings, batch_sharding)
 
   logger = make_logger(rs, total_steps, start)
+  heldout_eval = None
+  if getattr(data, "eval_every", 0):  # token streams: held-out perplexity (train/heldout.py)
+    from jaxreason.train.heldout import make_heldout_eval
+    heldout_eval = make_heldout_eval(rs, data, batch_sharding)
   if rs.is_main:
     stats = {k: v for k, v in data.stats.items() if isinstance(v, (int, float))}
     logger.message(f"model: {rs.model_cfg.model_type}, {rs.model_cfg.num_params() / 1e6:.2f}M params; mesh "
@@ -315,6 +324,8 @@ def run_sft(cfg) -> dict[str, Any]:
           last_metrics = {**{k: float(v) for k, v in metrics.items()}, "tokens_per_sec": tps,
                           "step_time": elapsed / max(1, steps_in_window), "mfu": tps * fpt / peak_total,
                           "epoch": step / steps_per_epoch}
+          if heldout_eval is not None and (step % data.eval_every == 0 or step == total_steps):
+            last_metrics.update(heldout_eval(state.params))  # at log steps only (eval_every: a multiple of log_every)
           logger.log(step, last_metrics)
           window_tokens, window_start, window_step = 0.0, time.perf_counter(), step
         checkpoint_tick(cfg, step, total_steps, save, guard, ckpt, logger)
