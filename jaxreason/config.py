@@ -47,7 +47,7 @@ ON_BAD_ROW = ("error", "skip")
 TRUNCATIONS = ("right", "drop")
 DTYPES = ("float32", "bfloat16", "float16")
 # The only `model` keys a config may set when the architecture comes from `init_from`.
-EXECUTION_FIELDS = ("dtype", "param_dtype", "attention_backend", "remat")
+EXECUTION_FIELDS = ("dtype", "param_dtype", "attention_backend", "remat", "scan_layers")
 
 Key = tuple  # a dotted key as a path of names and list indices: ("data", "train", 0, "path")
 
