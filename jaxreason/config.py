@@ -275,6 +275,9 @@ class RolloutConfig:
   num_waits: int = 0  # budget forcing: "Wait" extensions
   stop: tuple[str, ...] = ()  # extra stop strings (e.g. "</answer>"); the tokenizer's eos always stops
   batch_size: int | None = None  # questions per sampler call; null: the whole rollout batch
+  # The sampler's own (data, fsdp, tensor) layout over the same devices (e.g. tensor: 4 so a 7B model's
+  # weights split across chips while decoding); null: the training mesh. Weights reshard on device.
+  mesh: MeshConfig | None = None
 
   def __post_init__(self):
     _choice(self, "format", EVAL_FORMATS)

@@ -87,6 +87,9 @@ def main(argv=None) -> int:
   if bad:
     for line in run.advice(bad, cfg, model_cfg, topo):
       print("DOES NOT FIT: " + line)
+    if args.suggest:
+      for line in run.suggest(cfg, model_cfg, topo, bad, prompt_len=args.prompt_len, compile=compile_):
+        print("SUGGEST: " + line)
     return 1
   if args.save_compiled:
     print(f"plan: compiled executables written to {args.save_compiled} (jax.experimental.serialize_executable)")

@@ -83,6 +83,8 @@ def _sampler(cfg, model_cfg, mesh, graphdef, abs_state, prompt_len: int) -> Plan
   from jaxreason.sampling import SamplingConfig
   rc = cfg.rollout
   rules = sharding.SAMPLING_RULES
+  if getattr(rc, "mesh", None) is not None:  # the sampler's own layout (`rollout.mesh`)
+    mesh = sharding.make_mesh(rc.mesh, list(mesh.devices.flat))
   state = sharded_abstract_state(abs_state, mesh, rules)
   dt = jnp.dtype(model_cfg.dtype)
   state = jax.tree.map(lambda v: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, dt, sharding=v.get_value().sharding)),

@@ -204,3 +204,45 @@ def advice(reports: list[Report], cfg, model_cfg, topo: Topology) -> list[str]:
       tips.append("a smaller train.micro_batch_size (the scorer runs at the micro-batch)")
     out.append(f"{r.name}: does not fit ({why}). Try: " + "; ".join(tips) + ".")
   return out
+
+
+def suggest(cfg, model_cfg, topo: Topology, reports: list[Report], *, prompt_len: int = 512,
+            compile: bool = True) -> list[str]:
+  """Settings that make the failing functions fit: for the sampler, the smallest `rollout.mesh`
+  tensor size whose program fits (checked by compiling it, or analytically with `compile=False`);
+  for train steps, the largest micro-batch (halving) that fits."""
+  import dataclasses as dc
+  from jaxreason.sharding import MeshConfig
+  out = []
+  n = topo.num_chips
+  for r in reports:
+    if r.fits:
+      continue
+    if r.name == "sampler":
+      t = 2
+      while t <= n:
+        if model_cfg.num_heads % t == 0:
+          mesh = MeshConfig(data=1, fsdp=n // t, tensor=t)
+          trial = dc.replace(cfg, rollout=dc.replace(cfg.rollout, mesh=mesh))
+          got = plan(trial, model_cfg, topo, prompt_len=prompt_len, compile=compile, only=("sampler",))[0]
+          if got.fits:
+            out.append(f"sampler fits with --set rollout.mesh.data=1 --set rollout.mesh.fsdp={n // t} "
+                       f"--set rollout.mesh.tensor={t} ({_g(got.total)} GiB per device"
+                       f"{'' if got.compiled else ', estimated'})")
+            break
+        t *= 2
+      else:
+        out.append("sampler: no rollout.mesh tensor size fits; lower rollout.batch_size")
+    elif r.name.endswith("step"):
+      micro = cfg.train.micro_batch_size or cfg.train.global_batch_size
+      while micro > 1:
+        micro //= 2
+        trial = dc.replace(cfg, train=dc.replace(cfg.train, micro_batch_size=micro))
+        got = plan(trial, model_cfg, topo, prompt_len=prompt_len, compile=compile, only=(r.name,))[0]
+        if got.fits:
+          out.append(f"{r.name} fits with --set train.micro_batch_size={micro} ({_g(got.total)} GiB per device"
+                     f"{'' if got.compiled else ', estimated'})")
+          break
+      else:
+        out.append(f"{r.name}: no micro-batch fits; raise mesh.tensor or use more chips")
+  return out
