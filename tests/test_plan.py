@@ -114,3 +114,21 @@ def test_shipped_real_scale_config_fits_the_topology_its_header_names(config, to
   reports = run.plan(cfg, model, topo)
   bad = [(r.name, r.error, r.total / GIB) for r in reports if not r.fits]
   assert not bad, bad
+
+
+def test_gpu_topology_is_estimated_and_labelled(capsys):
+  """No GPU here: h100:8 is laid out on the fake CPU devices, with analytic figures marked (est.)."""
+  from jaxreason.plan.__main__ import main
+  rc = main(["--config", os.path.join(ROOT, "configs", "quickstart_dpo.yaml"), "--topology", "h100:8",
+             "--model", "qwen2.5-0.5b", "--set", "init_from=null", "--set", "tokenizer=builtin:char"])
+  out = capsys.readouterr().out
+  assert rc == 0
+  assert "cannot be compiled without GPUs" in out and "ANALYTIC ESTIMATES" in out
+  row = next(line for line in out.splitlines() if line.startswith("| dpo pair step"))
+  assert "yes (est.)" in row
+  cfg = load_config(os.path.join(ROOT, "configs", "quickstart_dpo.yaml"), ["init_from=null", "tokenizer=builtin:char"])
+  model = preset("qwen2.5-0.5b")
+  (rep,) = run.plan(cfg, model, parse_topology("h100:8"), compile=False)
+  # fp32 params and two moments over fsdp=8 devices (norms/biases replicated: within 2 %).
+  assert rep.params == pytest.approx(model.num_params() * 4 / 8, rel=0.02)
+  assert rep.opt_state == pytest.approx(2 * model.num_params() * 4 / 8, rel=0.02)

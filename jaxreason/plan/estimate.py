@@ -35,6 +35,12 @@ def axis_size(mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
+def axis_size_cfg(mesh_cfg, num_devices: int) -> int:
+  """data x fsdp of a MeshConfig on `num_devices` (the devices a batch splits over)."""
+  data, fsdp, _ = mesh_cfg.shape(num_devices)
+  return data * fsdp
+
+
 def matmul_params(cfg: ModelConfig) -> int:
   """Parameters used in matmuls per token (all but the embedding lookup; the unembedding counts)."""
   d, v = cfg.hidden_size, cfg.vocab_size
@@ -59,8 +65,9 @@ def kv_cache_bytes(cfg: ModelConfig, rows: int, length: int, mesh, rules, dtype_
 
 def activation_bytes(cfg: ModelConfig, rows_local: int, t: int, tensor: int, dtype_bytes: int) -> int:
   """Rough activation peak of a train micro-batch per device: with remat each layer keeps its input
-  [B, T, D]; one layer's forward/backward intermediates (q/k/v/o, MLP [B, T, F] x 3, attention
-  logits [B, N, T, T] fp32 for the einsum path) and one log-prob chunk are live at a time."""
+  [B, T, D]; one layer's forward/backward intermediates (q/k/v/o, MLP [B, T, F] x 3) are live at a
+  time. Attention logits are left out (splash/cuDNN keep them in blocks; the einsum path on CPU
+  materialises [B, N, T, T] fp32, which this does not count)."""
   d, f = cfg.hidden_size, cfg.intermediate_size
   n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
   tokens = rows_local * t

@@ -169,7 +169,7 @@ def table(reports: list[Report], topo: Topology) -> str:
   for r in reports:
     lb = lower_bound_s(r, topo)
     mfu = r.flops / (topo.chip.peak_flops * topo.num_chips * lb) if lb else 0.0
-    fits = ("yes" if r.fits else "NO") + ("" if r.compiled else " (est.)")
+    fits = ("yes" if r.fits else "NO") + ("" if r.compiled else " (error)" if r.error else " (est.)")
     temps = _g(r.temp) if r.compiled else f"~{_g(r.activations)}"
     lines.append(
         f"| {r.name} | {','.join(map(str, r.mesh))} | {_g(r.params)} | {_g(r.opt_state)} | {_g(r.grads)} | "
@@ -189,6 +189,10 @@ def advice(reports: list[Report], cfg, model_cfg, topo: Topology) -> list[str]:
       continue
     why = r.error or f"needs {_g(r.total)} GiB of {_g(r.budget)} GiB per device"
     tips = []
+    if r.error and "evenly divide" in r.error:
+      shards = est.axis_size_cfg(cfg.mesh, topo.num_chips)
+      tips.append(f"the rows of each call must split evenly over data x fsdp = {shards} devices: raise "
+                  "mesh.tensor (fewer fsdp devices) or make the micro-batch / rollout batch a multiple of it")
     if r.name.endswith("step"):
       if model_cfg.remat == "none":
         tips.append("model.remat=full")
