@@ -132,3 +132,15 @@ def test_gpu_topology_is_estimated_and_labelled(capsys):
   # fp32 params and two moments over fsdp=8 devices (norms/biases replicated: within 2 %).
   assert rep.params == pytest.approx(model.num_params() * 4 / 8, rel=0.02)
   assert rep.opt_state == pytest.approx(2 * model.num_params() * 4 / 8, rel=0.02)
+
+
+def test_save_compiled_writes_the_executable(tmp_path):
+  cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
+                    ["train.global_batch_size=8", "train.micro_batch_size=8", "data.seq_len=64"])
+  model = cfg.model.replace(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                            num_kv_heads=1)
+  (rep,) = run.plan(cfg, model, parse_topology("cpu:8"), save_dir=str(tmp_path))
+  assert rep.compiled and rep.fits
+  path = tmp_path / "sft_step.xla"
+  assert path.stat().st_size > 0
+
