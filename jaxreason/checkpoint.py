@@ -38,6 +38,7 @@ def config_from_json(d: dict) -> ModelConfig:
   d["rope_scaling"] = RopeScaling(**d.get("rope_scaling", {}))
   if isinstance(d.get("eos_token_id"), list):
     d["eos_token_id"] = tuple(d["eos_token_id"])
+  d.setdefault("scan_layers", False)  # checkpoints written before the option are unscanned
   return ModelConfig(**d)
 
 
@@ -121,18 +122,21 @@ def load_model(path: str, *, mesh: Mesh | None = None, rules: sharding.Rules = s
                **overrides) -> Transformer:
   """Restores a model from a step/checkpoints/run directory, sharded on `mesh` (or one device).
 
-  `overrides` replace execution fields of the stored config (dtype, attention_backend, remat).
+  `overrides` replace execution fields of the stored config (dtype, attention_backend, remat,
+  scan_layers). The stored layer layout is restored, then converted when `scan_layers` differs.
   """
   directory, step = resolve_checkpoint(path)
   if is_reward_model(path):
     raise ValueError(f"{path}: this is a reward model checkpoint (a decoder with a score head), not a policy; "
                      "it cannot be sampled, evaluated or exported as a language model. Load it with "
                      "jaxreason.train.reward_model.load_scorer, or use it as the reward 'reward_model:PATH'.")
-  cfg = load_model_config(path).replace(**overrides)
+  stored = load_model_config(path)
+  cfg = stored.replace(**overrides)
   with ocp.CheckpointManager(directory) as mngr:
-    graphdef, target = abstract_params(cfg, mesh, rules)
+    graphdef, target = abstract_params(cfg.replace(scan_layers=stored.scan_layers), mesh, rules)
     restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  return nnx.merge(graphdef, restored.params)
+  from jaxreason.models.layout import with_scan_layers
+  return with_scan_layers(nnx.merge(graphdef, restored.params), cfg.scan_layers)
 
 
 def abstract_params(cfg: ModelConfig, mesh: Mesh | None = None,

@@ -47,7 +47,7 @@ ON_BAD_ROW = ("error", "skip")
 TRUNCATIONS = ("right", "drop")
 DTYPES = ("float32", "bfloat16", "float16")
 # The only `model` keys a config may set when the architecture comes from `init_from`.
-EXECUTION_FIELDS = ("dtype", "param_dtype", "attention_backend", "remat")
+EXECUTION_FIELDS = ("dtype", "param_dtype", "attention_backend", "remat", "scan_layers")
 
 Key = tuple  # a dotted key as a path of names and list indices: ("data", "train", 0, "path")
 
@@ -275,6 +275,9 @@ class RolloutConfig:
   num_waits: int = 0  # budget forcing: "Wait" extensions
   stop: tuple[str, ...] = ()  # extra stop strings (e.g. "</answer>"); the tokenizer's eos always stops
   batch_size: int | None = None  # questions per sampler call; null: the whole rollout batch
+  # The sampler's own (data, fsdp, tensor) layout over the same devices (e.g. tensor: 4 so a 7B model's
+  # weights split across chips while decoding); null: the training mesh. Weights reshard on device.
+  mesh: MeshConfig | None = None
 
   def __post_init__(self):
     _choice(self, "format", EVAL_FORMATS)

@@ -30,6 +30,7 @@ Rules = tuple[tuple[str, "str | tuple[str, ...] | None"], ...]
 
 TRAIN_RULES: Rules = (
     # weights
+    ("layers", None),  # the stacked-layer axis of scanned models: every device holds every layer
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -156,6 +157,28 @@ def use_mesh(mesh: Mesh, rules: Rules = TRAIN_RULES) -> Iterator[Mesh]:
       yield mesh
   finally:
     _ACTIVE.pop()
+
+
+def active_mesh() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the innermost `use_mesh`, or None outside one."""
+  return _ACTIVE[-1] if _ACTIVE else None
+
+
+def target_platform() -> str:
+  """The platform ("tpu", "gpu", "cpu") of the devices being compiled for: the active mesh's
+  (`use_mesh`, else `jax.set_mesh`), else the host's default backend. Compile-only TPU devices
+  (`jax.experimental.topologies`) count as "tpu" on a CPU host."""
+  mesh = _ACTIVE[-1][0] if _ACTIVE else None
+  if mesh is None:
+    concrete = getattr(jax.sharding, "get_mesh", None)
+    try:
+      mesh = concrete() if concrete else None
+    except Exception:  # noqa: BLE001 -- no concrete mesh set
+      mesh = None
+  if mesh is not None and not getattr(mesh, "empty", True) and mesh.devices is not None:
+    platform = mesh.devices.flat[0].platform
+    return "gpu" if platform in ("cuda", "rocm") else platform
+  return jax.default_backend()
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

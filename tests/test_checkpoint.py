@@ -27,7 +27,7 @@ def _assert_same_params(a, b):
 
 def test_saved_on_8_devices_restores_on_1_and_on_another_mesh(tmp_path):
   cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                    num_kv_heads=2, tie_word_embeddings=False, eos_token_id=(1, 2))
+                    num_kv_heads=2, tie_word_embeddings=False, eos_token_id=(1, 2), scan_layers=False)
   mesh8 = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
   model = init_model(cfg, seed=4, mesh=mesh8)
   checkpoint.save_model(model, str(tmp_path / "checkpoints"), step=3)

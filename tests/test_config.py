@@ -117,7 +117,8 @@ def test_round_trip_with_init_from_keeps_only_execution_fields(tmp_path):
       """)
   cfg = load_config(path)
   assert cfg.model.dtype == "bfloat16" and cfg.model.remat == "full"
-  assert set(config_to_dict(cfg)["model"]) == {"dtype", "param_dtype", "attention_backend", "remat"}
+  assert set(config_to_dict(cfg)["model"]) == {"dtype", "param_dtype", "attention_backend", "remat",
+                                                   "scan_layers"}
   assert load_config(write(tmp_path, dump_yaml(cfg), "dumped.yaml")) == cfg
 
 

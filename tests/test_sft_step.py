@@ -61,10 +61,13 @@ def test_loss_and_grads_match_pytorch(tmp_path, normalization):
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-6, atol=1e-6)
   torch_grads = {n: p.grad.numpy() for n, p in hf.named_parameters()}
+  from jaxreason.models.layout import stacked_path
   for e in param_map(model.cfg):
+    path, layer = stacked_path(e.path)  # the model is scanned: layer i of the stacked gradient
     ours = grads
-    for k in e.path:
+    for k in path:
       ours = ours[k]
+    ours = ours if layer is None else ours[layer]
     np.testing.assert_allclose(np.asarray(ours), e.to_ours(torch_grads[e.hf_name]), atol=2e-6, rtol=1e-4,
                                err_msg=e.hf_name)
 

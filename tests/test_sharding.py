@@ -47,7 +47,7 @@ def test_sharded_logits_equal_single_device(qwen_dir, mesh_cfg):
 
 def test_parameters_carry_the_rule_shardings(qwen_dir):
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))
-  model = load_hf_model(qwen_dir, mesh=mesh)
+  model = load_hf_model(qwen_dir, mesh=mesh, scan_layers=False)  # per-layer specs (scanned: test_scan_layers)
   attn, mlp = model.layers[0].attn, model.layers[0].mlp
   # Expected specs written from TRAIN_RULES by hand: embed->fsdp, heads/kv_heads/mlp/vocab->tensor.
   expected = {
@@ -73,7 +73,7 @@ def test_parameters_carry_the_rule_shardings(qwen_dir):
 
 def test_sampling_preset_drops_fsdp_from_weights(qwen_dir):
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))
-  model = load_hf_model(qwen_dir, mesh=mesh)
+  model = load_hf_model(qwen_dir, mesh=mesh, scan_layers=False)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, size=(4, 8)), jnp.int32)
   before = _logits(model, tokens, mesh)
   sampler_model = reshard_model(model, mesh, sharding.SAMPLING_RULES)
@@ -95,7 +95,7 @@ def test_indivisible_dimension_stays_replicated():
 
 def test_init_model_sharded_matches_unsharded():
   cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                    num_kv_heads=2, tie_word_embeddings=False)
+                    num_kv_heads=2, tie_word_embeddings=False, scan_layers=False)
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
   a, b = init_model(cfg, seed=3), init_model(cfg, seed=3, mesh=mesh)
   assert b.layers[1].mlp.up[...].sharding.spec == P("fsdp", "tensor")
@@ -107,7 +107,7 @@ def test_init_model_sharded_matches_unsharded():
 def test_init_follows_llama_conventions():
   """SPEC §2 (seed 003): N(0, 0.02); residual output projections N(0, 0.02/sqrt(2L)); norms 1."""
   cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_layers=8, num_heads=4,
-                    num_kv_heads=2, qkv_bias=True)
+                    num_kv_heads=2, qkv_bias=True, scan_layers=False)
   m = init_model(cfg, seed=0)
   std = lambda v: float(np.std(np.asarray(v[...])))
   assert abs(std(m.embed.embedding) - 0.02) < 0.001

@@ -59,6 +59,9 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of activations and matmuls
   attention_backend: str = "auto"
   remat: str = "none"
+  # Decoder layers stacked ([L, ...] parameters) and run with one `jax.lax.scan`: compile time flat
+  # in depth. False: a list of L blocks unrolled in the program (the layout HF names follow).
+  scan_layers: bool = True
 
   def __post_init__(self):
     if isinstance(self.eos_token_id, list):  # keep the config hashable (it is static under jit)

@@ -6,6 +6,10 @@ straight into (optionally sharded) NNX parameters: a host holds one HF tensor at
 `save_hf_model` writes the reverse: sharded safetensors + index, `config.json`,
 `generation_config.json` and tokenizer files, gathering one parameter at a time.
 
+A scanned model (`scan_layers`, stacked [L, ...] parameters) maps `model.layers.<i>.X` to layer i of
+its stacked `layers.X`: loading writes each HF tensor into its layer slot on device (one tensor on the
+host at a time, as unscanned), saving slices one layer at a time; the files are the same bytes.
+
 Layouts (HF torch Linear is [out, in]; ours are einsum-friendly with explicit head axes):
   q_proj.weight [N*H, D] <-> q_proj [D, N, H]      o_proj.weight [D, N*H] <-> o_proj [N, H, D]
   k/v_proj.weight [K*H, D] <-> [D, K, H]           q/k/v_proj.bias [N*H] <-> [N, H]
@@ -16,11 +20,13 @@ Layouts (HF torch Linear is [out, in]; ours are einsum-friendly with explicit he
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -30,6 +36,7 @@ from jaxreason import sharding
 from jaxreason.models import safetensors_io as st
 from jaxreason.models.build import abstract_model
 from jaxreason.models.config import ModelConfig
+from jaxreason.models.layout import layer_slice, stacked_path
 from jaxreason.models.transformer import Transformer
 
 # Buffers that some HF checkpoints carry and that are recomputed, not loaded.
@@ -53,7 +60,8 @@ def _transpose(x):
 
 
 def param_map(cfg: ModelConfig) -> list[Entry]:
-  """The one name map: every HF tensor of `cfg`, with its NNX path and layout transforms."""
+  """The one name map: every HF tensor of `cfg`, with its NNX path (unscanned layout: `("layers",
+  i, ...)`; see `_locate` for the scanned one) and layout transforms."""
   d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
 
   def proj_in(heads):  # HF [heads*H, D] <-> ours [D, heads, H]
@@ -101,6 +109,16 @@ def param_map(cfg: ModelConfig) -> list[Entry]:
   if not cfg.tie_word_embeddings:
     entries.append(Entry("lm_head.weight", ("lm_head",), _identity, _identity))
   return entries
+
+
+def _locate(cfg: ModelConfig, path: tuple) -> tuple[tuple, int | None]:
+  """(path of the model Variable, layer index within its stacked axis or None)."""
+  return stacked_path(path) if cfg.scan_layers else (tuple(path), None)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked, layer_value, i):
+  return jax.lax.dynamic_update_index_in_dim(stacked, layer_value.astype(stacked.dtype), i, 0)
 
 
 # ------------------------------------------------------------------------------ loading
@@ -155,20 +173,31 @@ def load_hf_model(model_dir: str, *, mesh: Mesh | None = None,
       entry = entries.get(name)
       if entry is None:
         continue
-      var = variables[entry.path]
+      path, layer = _locate(cfg, entry.path)
+      var = variables[path]
       target = var.get_value()
-      want = entry.to_hf(np.empty(target.shape, np.bool_)).shape
+      shape = target.shape if layer is None else target.shape[1:]
+      want = entry.to_hf(np.empty(shape, np.bool_)).shape
       if reader.shape(name) != want:
         raise ValueError(f"{reader.path}: tensor {name} has shape {reader.shape(name)}; the config "
                          f"expects {want}. Check config.json against the weights.")
       host = entry.to_ours(reader.get(name)).astype(target.dtype)
-      if mesh is None:
-        values[entry.path] = jax.device_put(np.ascontiguousarray(host))
+      shard = None if mesh is None else sharding.variable_sharding(var, mesh, rules)
+      if layer is not None:
+        shard = None if shard is None else jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(*tuple(shard.spec)[1:]))
+      if shard is None:
+        value = jax.device_put(np.ascontiguousarray(host))
       else:
-        shard = sharding.variable_sharding(var, mesh, rules)
-        values[entry.path] = jax.make_array_from_callback(
-            target.shape, shard, lambda idx, h=host: np.ascontiguousarray(h[idx]))
-      del host
+        value = jax.make_array_from_callback(shape, shard, lambda idx, h=host: np.ascontiguousarray(h[idx]))
+      if layer is None:
+        values[path] = value
+      else:
+        if path not in values:  # the stacked parameter, filled one layer at a time on device
+          full = sharding.variable_sharding(var, mesh, rules) if mesh is not None else None
+          values[path] = jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=full)()
+        values[path] = _set_layer(values[path], value, jnp.int32(layer))
+      del host, value
   for path, var in variables.items():
     var.set_value(values[path])
   state = nnx.from_flat_state(variables)
@@ -212,9 +241,16 @@ def save_hf_model(model: Transformer, out_dir: str, *, dtype: str | None = None,
   # Plan shards from shapes alone.
   plan, shards, current, current_size = [], [], [], 0
   limit = _parse_size(max_shard_size)
+  def value_of(e: Entry) -> jax.Array:
+    path, layer = _locate(cfg, e.path)
+    value = variables[path].get_value()
+    return value if layer is None else layer_slice(value, layer)
+
   for e in entries:
-    var = variables[e.path]
-    shape = e.to_hf(np.empty(var.get_value().shape, dtype=np.bool_)).shape
+    path, layer = _locate(cfg, e.path)
+    var = variables[path]
+    shape = var.get_value().shape if layer is None else var.get_value().shape[1:]
+    shape = e.to_hf(np.empty(shape, dtype=np.bool_)).shape
     dt = out_dtype or np.dtype(var.get_value().dtype)
     nbytes = int(np.prod(shape)) * dt.itemsize
     if current and current_size + nbytes > limit:
@@ -234,7 +270,7 @@ def save_hf_model(model: Transformer, out_dir: str, *, dtype: str | None = None,
     writer = (st.SafetensorsWriter(os.path.join(out_dir, fname), [(e.hf_name, s, d) for e, s, d in shard])
               if writer_process else None)
     for e, shape, dt in shard:
-      host = e.to_hf(_to_host(variables[e.path].get_value())).astype(dt)
+      host = e.to_hf(_to_host(value_of(e))).astype(dt)
       weight_map[e.hf_name] = fname
       total += host.nbytes
       if writer:

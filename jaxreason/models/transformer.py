@@ -3,6 +3,15 @@
 A block reads like the papers: `x = x + attn(norm(x)); x = x + mlp(norm(x))`.
 Inputs are tokens, positions and segment ids (0 = padding); see `jaxreason.ops.masks`.
 Logits are float32 whatever the compute dtype.
+
+Layer layouts (`ModelConfig.scan_layers`):
+- scanned (default): `layers` is ONE Block whose parameters carry a leading [L] axis (logical axis
+  `layers`, never sharded); the forward runs it with `jax.lax.scan`, so the compiled program holds
+  one layer body whatever the depth. The remat policy wraps the scan body (per layer, as unscanned).
+  With a KV cache the stacked cache [L, ...] is part of the scan carry and the body writes and
+  reads its layer `i` (the same cache tuple the unscanned blocks get).
+- unscanned: `layers` is a list of L Blocks, unrolled (`layers.<i>.` paths, as HF names them).
+Both layouts initialise to the same values for a seed; `jaxreason.models.layout` converts.
 """
 
 from __future__ import annotations
@@ -72,6 +81,18 @@ def _block_forward(block, x, sin, cos, positions, segments):
   return block(x, sin, cos, positions, segments)[0]
 
 
+def stack_blocks(blocks: list[Block]) -> Block:
+  """One Block holding `blocks`' parameters stacked on a new leading axis (logical name `layers`)."""
+  graphdef, first = nnx.split(blocks[0])
+  states = [dict(nnx.to_flat_state(nnx.state(b))) for b in blocks]
+  flat = []
+  for path, var in nnx.to_flat_state(first):
+    stacked = jnp.stack([st[path].get_value() for st in states])
+    axes = var.get_metadata().get("logical_axes") or (None,) * (stacked.ndim - 1)
+    flat.append((path, var.replace(stacked, logical_axes=("layers",) + tuple(axes))))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 class Transformer(nnx.Module):
   """Decoder-only LM. Initialisation: N(0, initializer_range), residual outputs /sqrt(2L)."""
 
@@ -79,7 +100,8 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     pd = jnp.dtype(cfg.param_dtype)
     self.embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, pd, rngs)
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    blocks = [Block(cfg, rngs) for _ in range(cfg.num_layers)]
+    self.layers = stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
     if not cfg.tie_word_embeddings:
       self.lm_head = nnx.Param(
@@ -98,6 +120,8 @@ class Transformer(nnx.Module):
     sin, cos = rope_ops.sin_cos(positions, rope_ops.inverse_frequencies(cfg))
 
     if cache is None:
+      if cfg.scan_layers:
+        return self.final_norm(self._scan(x, sin, cos, positions, segments)), None
       forward = _block_forward
       if cfg.remat != "none":
         forward = nnx.remat(_block_forward, policy=_REMAT_POLICIES[cfg.remat])
@@ -109,10 +133,38 @@ class Transformer(nnx.Module):
     kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, index, axis=1)
     kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segments, index, axis=1)
     ck, cv = cache.k, cache.v
-    for i, block in enumerate(self.layers):
-      x, (ck, cv) = block(x, sin, cos, positions, segments, cache=(ck, cv, i, kv_pos, kv_seg, index))
+    if cfg.scan_layers:
+      x, ck, cv = self._scan_cached(x, sin, cos, positions, segments, ck, cv, kv_pos, kv_seg, index)
+    else:
+      for i, block in enumerate(self.layers):
+        x, (ck, cv) = block(x, sin, cos, positions, segments, cache=(ck, cv, i, kv_pos, kv_seg, index))
     new_cache = KVCache(k=ck, v=cv, positions=kv_pos, segments=kv_seg, index=index + tokens.shape[1])
     return self.final_norm(x), new_cache
+
+  def _scan(self, x, sin, cos, positions, segments):
+    """x [B, T, D] through the stacked layers, one scan step per layer (remat per step)."""
+    graphdef, stacked = nnx.split(self.layers)
+
+    def body(x, layer_state):
+      return _block_forward(nnx.merge(graphdef, layer_state), x, sin, cos, positions, segments), None
+
+    if self.cfg.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat])
+    return jax.lax.scan(body, x, stacked)[0]
+
+  def _scan_cached(self, x, sin, cos, positions, segments, ck, cv, kv_pos, kv_seg, index):
+    """As `_scan` with the stacked cache in the carry; step i writes and reads cache layer i."""
+    graphdef, stacked = nnx.split(self.layers)
+
+    def body(carry, xs):
+      x, ck, cv = carry
+      layer_state, i = xs
+      block = nnx.merge(graphdef, layer_state)
+      x, (ck, cv) = block(x, sin, cos, positions, segments, cache=(ck, cv, i, kv_pos, kv_seg, index))
+      return (x, ck, cv), None
+
+    layer_ids = jnp.arange(self.cfg.num_layers, dtype=jnp.int32)
+    return jax.lax.scan(body, (x, ck, cv), (stacked, layer_ids))[0]
 
   def unembedding(self) -> jax.Array:
     """[V, D] output table (the embedding when tied)."""

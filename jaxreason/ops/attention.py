@@ -6,7 +6,13 @@ Backends:
   needs bf16/fp16 inputs, so fp32 calls fall back to `xla`.
 - `splash`: the Pallas splash-attention kernel on TPU, for self-attention without a cache
   (training and prefill); segment ids carry padding and packing.
-`auto` picks `cudnn` on GPU, `splash` on TPU and `xla` otherwise. Softmax is always in float32.
+`auto` picks `cudnn` on GPU, `splash` on TPU and `xla` otherwise, by the platform of the devices
+the computation is compiled for (the active mesh's; the host's default backend without one), so an
+AOT compile for TPU devices from a CPU host picks splash. Softmax is always in float32.
+
+Splash is a Pallas (Mosaic) kernel, which XLA cannot partition: on a mesh it runs under
+`shard_map`, one call per device on its batch rows (`data` x `fsdp`) and heads (`tensor`), as the
+activation rules shard them.
 """
 
 from __future__ import annotations
@@ -15,14 +21,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxreason import sharding
 
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+  """`auto` -> the backend for `platform` (default: the target devices', `sharding.target_platform`)."""
   if backend != "auto":
     return backend
-  platform = jax.default_backend()
+  platform = platform or sharding.target_platform()
   return {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(platform, "xla")
 
 
@@ -65,20 +75,18 @@ def cudnn_attention(q, k, v, mask, scale, implementation="cudnn"):
 
 
 @functools.cache
-def _splash_kernel(num_heads: int, seq_len: int):
+def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
   mask = sm.MultiHeadMask([sm.CausalMask((seq_len, seq_len)) for _ in range(num_heads)])
-  # Off TPU the Pallas kernel runs in interpret mode (slow; used by the tests to check the path).
-  interpret = jax.default_backend() != "tpu"
   return sk.make_splash_mqa_single_device(mask, interpret=interpret), sk
 
 
-def splash_attention(q, k, v, q_segments, kv_segments, scale):
-  """TPU splash attention; causal by index, segments for padding and packing (no cache)."""
+def _splash_local(q, k, v, q_segments, kv_segments, scale, interpret):
+  """Splash on one device's block: q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H]."""
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
-  kernel, sk = _splash_kernel(n // kv_heads, t)
+  kernel, sk = _splash_kernel(n // kv_heads, t, interpret)
   # [B, K, G, T, H] for the MQA kernel, one call per kv head.
   qg = (q * scale).reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
   kk = k.transpose(0, 2, 1, 3)
@@ -88,6 +96,32 @@ def splash_attention(q, k, v, q_segments, kv_segments, scale):
   out = jax.vmap(per_head, in_axes=(0, 0, 0, 0))(qg, kk, vv, seg)  # over batch
   # [B, K, G, T, H] -> [B, T, N, H]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def splash_attention(q, k, v, q_segments, kv_segments, scale, *, platform: str | None = None):
+  """Splash attention; causal by index, segments for padding and packing (no cache).
+
+  Inside `sharding.use_mesh` the kernel runs under `shard_map` with the batch split as the rules
+  split `act_batch` and the heads as `act_heads`; when the KV heads cannot follow the query heads'
+  split (e.g. 2 KV heads on tensor=4) K/V are repeated to one head per query head first.
+  Off TPU devices the kernel runs in Pallas interpret mode (slow; the tests use it).
+  """
+  platform = platform or sharding.target_platform()
+  interpret = platform != "tpu"
+  active = sharding.active_mesh()
+  if active is None:
+    return _splash_local(q, k, v, q_segments, kv_segments, scale, interpret)
+  mesh, rules = active
+  q_spec = sharding.logical_to_spec(("act_batch", None, "act_heads", None), rules, mesh, q.shape)
+  k_spec = sharding.logical_to_spec(("act_batch", None, "act_kv_heads", None), rules, mesh, k.shape)
+  if q_spec[2] != k_spec[2]:
+    g = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    k_spec = q_spec
+  seg_spec = P(q_spec[0], None)
+  fn = functools.partial(_splash_local, scale=scale, interpret=interpret)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, seg_spec, seg_spec),
+                       out_specs=q_spec, check_vma=False)(q, k, v, q_segments, kv_segments)
 
 
 def attention(q, k, v, *, mask, scale, backend="xla", q_segments=None, kv_segments=None,

@@ -28,7 +28,7 @@ from jaxreason.train.checkpointing import TrainCheckpointer
 from jaxreason.train.state import TrainState, init_train_state, state_shardings
 from jaxreason.train.step import jit_step, make_sft_step
 
-EXECUTION_FIELDS = ("dtype", "param_dtype", "attention_backend", "remat")
+EXECUTION_FIELDS = ("dtype", "param_dtype", "attention_backend", "remat", "scan_layers")
 
 
 class Preempted(Exception):

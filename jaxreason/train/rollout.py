@@ -92,6 +92,8 @@ class RolloutSampler:
   """The jitted sampler fed from train-state parameters, with the rollout settings."""
 
   def __init__(self, graphdef, abs_state, model_cfg, mesh, tokenizer, rcfg):
+    if getattr(rcfg, "mesh", None) is not None:  # a sampling mesh of its own over the same devices
+      mesh = sharding.make_mesh(rcfg.mesh, list(mesh.devices.flat))
     self.rcfg, self.tokenizer, self.mesh = rcfg, tokenizer, mesh
     self.sampling_shardings = sharding.pure_shardings(abs_state, mesh, sharding.SAMPLING_RULES)
     stop_ids = tuple(sorted({i for i in (tokenizer.eos_token_id,) if i is not None}))

@@ -1,0 +1,1 @@
+"""`python -m jaxreason.plan`: compile a config's jitted functions for a topology, ahead of time."""
