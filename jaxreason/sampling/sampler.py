@@ -21,41 +21,52 @@ from flax import nnx
 
 from jaxreason.models.transformer import KVCache, Transformer
 from jaxreason.ops import masks
+from jaxreason.sampling import budget as budget_lib
 from jaxreason.sampling import strategies
-from jaxreason.sampling.config import FINISH_REASONS, BudgetForcing, SamplingConfig
+from jaxreason.sampling.config import FINISH_REASONS, BudgetForcing, Finish, SamplingConfig
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class LoopState:
-  step: jax.Array           # [] iterations so far
+class Outputs:
+  """What the loop writes per emitted token: [B, M] buffers (M = max_new_tokens)."""
+
+  tokens: jax.Array     # [B, M] emitted tokens (pad after the end)
+  logprobs: jax.Array   # [B, M] log-prob of each token under the scaled distribution
+  entropies: jax.Array  # [B, M] entropy of that distribution
+  injected: jax.Array   # [B, M] True where budget forcing injected the token
+
+  @classmethod
+  def init(cls, batch: int, m: int, pad_id: int) -> "Outputs":
+    return cls(tokens=jnp.full((batch, m), pad_id, jnp.int32), logprobs=jnp.zeros((batch, m), jnp.float32),
+               entropies=jnp.zeros((batch, m), jnp.float32), injected=jnp.zeros((batch, m), bool))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  """The while-loop carry: one row per sample."""
+
+  step: jax.Array       # [] iterations so far
   rng: jax.Array
   cache: KVCache
-  logits: jax.Array         # [B, V] float32, for the next token
-  position: jax.Array       # [B] position of the next token
-  tokens: jax.Array         # [B, M] emitted tokens (M = max_new_tokens)
-  logprobs: jax.Array       # [B, M] log-prob of each emitted token under the scaled distribution
-  entropies: jax.Array      # [B, M] entropy of that distribution
-  injected: jax.Array       # [B, M] True where budget forcing injected the token
-  length: jax.Array         # [B] tokens emitted
-  done: jax.Array           # [B] bool
-  finish: jax.Array         # [B] index into FINISH_REASONS
-  window: jax.Array         # [B, W] last W emitted tokens (stop sequences)
-  phase: jax.Array          # [B] 0 thinking, 1 answer
-  think_gen: jax.Array      # [B] model-generated thinking tokens (the budget)
-  think_total: jax.Array    # [B] all thinking-phase tokens (reported)
-  answer_tokens: jax.Array  # [B] model-generated answer tokens
-  waits: jax.Array          # [B] extensions used
-  forced: jax.Array         # [B] bool: thinking was cut by the budget
-  last_nl: jax.Array        # [B] bool: the last emitted token ends with a newline
-  queue: jax.Array          # [B, Q] tokens to inject
-  queue_len: jax.Array      # [B]
-  queue_pos: jax.Array      # [B]
+  logits: jax.Array     # [B, V] float32, for the next token
+  position: jax.Array   # [B] position of the next token
+  length: jax.Array     # [B] tokens emitted
+  done: jax.Array       # [B] bool
+  finish: jax.Array     # [B] a `Finish` code
+  window: jax.Array     # [B, W] last W emitted tokens (stop sequences)
+  budget: budget_lib.BudgetState
+  out: Outputs
 
 
 @dataclasses.dataclass
 class SamplingOutput:
-  """Host-side results, one entry per sample (prompt-major: prompt i -> rows i*n .. i*n+n-1)."""
+  """Host-side results, one entry per sample (prompt-major: prompt i -> rows i*n .. i*n+n-1).
+
+  The list fields are today's interface; `padded` holds the same results as padded [N, M] arrays
+  plus lengths (what vectorised callers should use), and `metrics` the engine's counters.
+  """
 
   tokens: list[list[int]]
   logprobs: list[np.ndarray]
@@ -68,6 +79,47 @@ class SamplingOutput:
   forced_end: np.ndarray
   truncated: np.ndarray  # ended by a length limit instead of a stop token/sequence
   prompt_index: np.ndarray
+  padded: "SampleBatch | None" = None
+  metrics: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SampleBatch:
+  """Results as padded arrays: row r is sample r % n of prompt r // n; entries past `length[r]` are
+  padding (pad id / 0 / False)."""
+
+  tokens: np.ndarray           # [N, M] int32
+  logprobs: np.ndarray         # [N, M] float32
+  entropies: np.ndarray        # [N, M] float32
+  injected: np.ndarray         # [N, M] bool
+  length: np.ndarray           # [N] tokens emitted
+  finish: np.ndarray           # [N] `Finish` codes
+  thinking_tokens: np.ndarray  # [N] (0 without budget forcing)
+  answer_tokens: np.ndarray    # [N]
+  waits: np.ndarray            # [N]
+  forced_end: np.ndarray       # [N] bool
+  prompt_index: np.ndarray     # [N]
+  metrics: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def truncated(self) -> np.ndarray:
+    return np.isin(self.finish, (Finish.LENGTH, Finish.ANSWER_LENGTH))
+
+  @property
+  def mask(self) -> np.ndarray:
+    """[N, M] bool: the emitted part of each row."""
+    return np.arange(self.tokens.shape[1])[None] < self.length[:, None]
+
+  def to_output(self) -> SamplingOutput:
+    """Today's list-per-sample interface (`Sampler.generate`'s return value)."""
+    lens = self.length
+    cut = lambda a: [a[i, :lens[i]] for i in range(len(lens))]
+    return SamplingOutput(
+        tokens=[t.tolist() for t in cut(self.tokens)], logprobs=cut(self.logprobs), entropies=cut(self.entropies),
+        injected=cut(self.injected), finish_reason=[FINISH_REASONS[int(f)] for f in self.finish],
+        thinking_tokens=self.thinking_tokens, answer_tokens=self.answer_tokens, waits=self.waits,
+        forced_end=self.forced_end, truncated=self.truncated, prompt_index=self.prompt_index, padded=self,
+        metrics=self.metrics)
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -78,20 +130,21 @@ def bucket_length(n: int, minimum: int = 16) -> int:
   return b
 
 
-def _pad_queue(seq: Sequence[int], q: int) -> np.ndarray:
-  out = np.zeros((q,), np.int32)
-  out[: len(seq)] = seq
-  return out
-
-
-def _initial_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, bf: BudgetForcing | None,
-                   cache_len: int, newline_mask: jax.Array) -> LoopState:
-  b = tokens.shape[0]
+def _prefill(model: Transformer, tokens, mask, cache_len: int):
+  """Left-padded prompts [B, P] -> (cache with the prompts at slots [0, P), next-token logits [B, V],
+  next position [B])."""
   positions = masks.positions_from_padding(mask)
-  cache = KVCache.init(model.cfg, b, cache_len)
+  cache = KVCache.init(model.cfg, tokens.shape[0], cache_len)
   hidden, cache = model.hidden_states(tokens, positions, mask.astype(jnp.int32), cache)
   logits = model.logits(hidden[:, -1:])[:, 0]
-  next_pos = jnp.sum(mask, axis=-1).astype(jnp.int32)
+  return cache, logits, jnp.sum(mask, axis=-1).astype(jnp.int32)
+
+
+def init_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, bf: BudgetForcing | None,
+               cache_len: int, newline_mask: jax.Array) -> DecodeState:
+  """The one constructor: prefills the prompts once and repeats each prompt's rows `cfg.n` times."""
+  b = tokens.shape[0]
+  cache, logits, next_pos = _prefill(model, tokens, mask, cache_len)
   last_nl = newline_mask[tokens[:, -1]]  # prompts are left-padded: the last column is real
   if cfg.n > 1:  # share the prefill across the n samples of each prompt
     rep = functools.partial(jnp.repeat, repeats=cfg.n, total_repeat_length=b * cfg.n)
@@ -99,80 +152,26 @@ def _initial_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, b
                     segments=rep(cache.segments, axis=0), index=cache.index)
     logits, next_pos, last_nl = rep(logits, axis=0), rep(next_pos, axis=0), rep(last_nl, axis=0)
     b = b * cfg.n
-  m = cfg.max_new_tokens
   w = max([1] + [len(s) for s in cfg.stop_sequences])
-  q = 1 if bf is None else max(1, len(bf.wait_ids), len(bf.newline_ids + bf.end_ids + bf.forced_suffix_ids))
   zeros = lambda dtype=jnp.int32: jnp.zeros((b,), dtype)
-  return LoopState(
-      step=jnp.zeros((), jnp.int32), rng=rng, cache=cache, logits=logits, position=next_pos,
-      tokens=jnp.full((b, m), cfg.pad_token_id, jnp.int32), logprobs=jnp.zeros((b, m), jnp.float32),
-      entropies=jnp.zeros((b, m), jnp.float32), injected=jnp.zeros((b, m), bool),
-      length=zeros(), done=zeros(bool), finish=zeros(), window=jnp.full((b, w), -1, jnp.int32),
-      phase=zeros() if bf is not None else jnp.ones((b,), jnp.int32),
-      think_gen=zeros(), think_total=zeros(), answer_tokens=zeros(), waits=zeros(), forced=zeros(bool),
-      last_nl=last_nl, queue=jnp.zeros((b, q), jnp.int32), queue_len=zeros(), queue_pos=zeros())
+  return DecodeState(
+      step=jnp.zeros((), jnp.int32), rng=rng, cache=cache, logits=logits, position=next_pos, length=zeros(),
+      done=zeros(bool), finish=zeros(), window=jnp.full((b, w), -1, jnp.int32),
+      budget=budget_lib.init(b, bf, last_nl), out=Outputs.init(b, cfg.max_new_tokens, cfg.pad_token_id))
 
 
-def _step(model: Transformer, s: LoopState, cfg: SamplingConfig, bf: BudgetForcing | None,
-          newline_mask: jax.Array) -> LoopState:
-  b = s.length.shape[0]
-  rows = jnp.arange(b)
-  rng, sub = jax.random.split(s.rng)
-  proposal, logp = strategies.choose(s.logits, sub, cfg)
-  active = ~s.done
+def _write(out: Outputs, length, active, token, logp, injected) -> Outputs:
+  """Writes this step's token (and its log-prob, entropy, injected flag) at each active row's length."""
+  rows = jnp.arange(length.shape[0])
+  idx = jnp.minimum(length, out.tokens.shape[1] - 1)
+  put = lambda buf, val: buf.at[rows, idx].set(jnp.where(active, val, buf[rows, idx]))
+  return Outputs(tokens=put(out.tokens, token), logprobs=put(out.logprobs, logp[rows, token]),
+                 entropies=put(out.entropies, strategies.entropy(logp)), injected=put(out.injected, injected))
 
-  queued = active & (s.queue_pos < s.queue_len)
-  queued_tok = jnp.take_along_axis(s.queue, jnp.minimum(s.queue_pos, s.queue.shape[1] - 1)[:, None], axis=1)[:, 0]
-  token = jnp.where(queued, queued_tok, proposal)
-  injected = queued
-  queue, queue_len = s.queue, s.queue_len
-  queue_pos = jnp.where(queued, s.queue_pos + 1, s.queue_pos)
-  phase, waits, forced, think_gen, think_total = s.phase, s.waits, s.forced, s.think_gen, s.think_total
 
-  if bf is not None:
-    qn = s.queue.shape[1]
-    forced_seq = jnp.asarray(_pad_queue(bf.end_ids + bf.forced_suffix_ids, qn))
-    forced_nl_seq = jnp.asarray(_pad_queue(bf.newline_ids + bf.end_ids + bf.forced_suffix_ids, qn))
-    wait_seq = jnp.asarray(_pad_queue(bf.wait_ids, qn))
-    thinking = active & (phase == 0) & ~queued
-    if bf.max_thinking_tokens is not None:
-      budget_hit = thinking & (think_gen >= bf.max_thinking_tokens)
-    else:
-      budget_hit = jnp.zeros_like(thinking)
-    trigger = thinking & ~budget_hit & (proposal == bf.trigger_id)
-    want_wait = trigger & ((waits < bf.num_waits) | (think_gen < bf.min_thinking_tokens))
-    natural_end = trigger & ~want_wait
-    add_nl = ~s.last_nl & (len(bf.newline_ids) > 0)
-    new_queue = jnp.where(budget_hit[:, None], jnp.where(add_nl[:, None], forced_nl_seq, forced_seq), wait_seq)
-    new_len = jnp.where(budget_hit,
-                        jnp.where(add_nl, len(bf.newline_ids), 0) + len(bf.end_ids) + len(bf.forced_suffix_ids),
-                        len(bf.wait_ids))
-    start = budget_hit | want_wait
-    token = jnp.where(start, new_queue[:, 0], token)
-    injected = injected | start
-    queue = jnp.where(start[:, None], new_queue, queue)
-    queue_len = jnp.where(start, new_len, queue_len)
-    queue_pos = jnp.where(start, 1, queue_pos)
-    waits = waits + want_wait
-    forced = forced | budget_hit
-    think_gen = think_gen + (thinking & ~budget_hit & ~trigger)
-    think_total = think_total + (active & (phase == 0) & ~budget_hit & ~natural_end)
-    answer_now = active & (phase == 1) & ~injected
-    phase = jnp.where(budget_hit | natural_end, 1, phase)
-  else:
-    answer_now = active & ~injected
-  answer_tokens = s.answer_tokens + answer_now
-
-  idx = jnp.minimum(s.length, cfg.max_new_tokens - 1)
-  write = lambda buf, val: buf.at[rows, idx].set(jnp.where(active, val, buf[rows, idx]))
-  tokens = write(s.tokens, token)
-  logprobs = write(s.logprobs, logp[rows, token])
-  entropies = write(s.entropies, strategies.entropy(logp))
-  injected_buf = write(s.injected, injected)
-  length = s.length + active
-  window = jnp.where(active[:, None], jnp.concatenate([s.window[:, 1:], token[:, None]], axis=1), s.window)
-
-  model_token = active & ~injected
+def _stop(token, window, model_token, length, answer_tokens, phase, active, cfg: SamplingConfig,
+          bf: BudgetForcing | None):
+  """[B] Finish code for rows that end at this step (RUNNING for the others)."""
   stop = jnp.zeros_like(active)
   if cfg.stop_token_ids:
     stop = stop | (model_token & jnp.isin(token, jnp.asarray(cfg.stop_token_ids)))
@@ -183,23 +182,37 @@ def _step(model: Transformer, s: LoopState, cfg: SamplingConfig, bf: BudgetForci
   if bf is not None and bf.max_answer_tokens is not None:
     answer_cap = active & ~stop & (answer_tokens >= bf.max_answer_tokens) & (phase == 1)
   length_cap = active & ~stop & (length >= cfg.max_new_tokens)
-  finish = jnp.where(stop, 1, jnp.where(answer_cap, 3, jnp.where(length_cap, 2, s.finish)))
-  done = s.done | stop | answer_cap | length_cap
-  last_nl = jnp.where(active, newline_mask[token], s.last_nl)
+  return jnp.where(stop, Finish.STOP, jnp.where(answer_cap, Finish.ANSWER_LENGTH,
+                                                jnp.where(length_cap, Finish.LENGTH, Finish.RUNNING)))
+
+
+def _step(model: Transformer, s: DecodeState, cfg: SamplingConfig, bf: BudgetForcing | None,
+          newline_mask: jax.Array) -> DecodeState:
+  """choose -> force -> write -> stop -> forward."""
+  active = ~s.done
+  rng, sub = jax.random.split(s.rng)
+  proposal, logp = strategies.choose(s.logits, sub, cfg)
+  f = budget_lib.force(s.budget, proposal, active, bf)
+  token = f.token
+
+  out = _write(s.out, s.length, active, token, logp, f.injected)
+  length = s.length + active
+  window = jnp.where(active[:, None], jnp.concatenate([s.window[:, 1:], token[:, None]], axis=1), s.window)
+  bud = dataclasses.replace(f.state, last_nl=jnp.where(active, newline_mask[token], f.state.last_nl))
+
+  ended = _stop(token, window, active & ~f.injected, length, bud.answer_tokens, bud.phase, active, cfg, bf)
+  finish = jnp.where(ended != Finish.RUNNING, ended, s.finish)
+  done = s.done | (ended != Finish.RUNNING)
 
   logits, cache = model(token[:, None], s.position[:, None], active[:, None].astype(jnp.int32), cache=s.cache)
-  return LoopState(
-      step=s.step + 1, rng=rng, cache=cache, logits=logits[:, 0], position=s.position + active,
-      tokens=tokens, logprobs=logprobs, entropies=entropies, injected=injected_buf, length=length,
-      done=done, finish=finish, window=window, phase=phase, think_gen=think_gen,
-      think_total=think_total, answer_tokens=answer_tokens, waits=waits, forced=forced,
-      last_nl=last_nl, queue=queue, queue_len=queue_len, queue_pos=queue_pos)
+  return DecodeState(step=s.step + 1, rng=rng, cache=cache, logits=logits[:, 0], position=s.position + active,
+                     length=length, done=done, finish=finish, window=window, budget=bud, out=out)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "cache_len"))
-def _generate(state, tokens, mask, rng, newline_mask, *, graphdef, cfg, bf, cache_len) -> LoopState:
+def _generate(state, tokens, mask, rng, newline_mask, *, graphdef, cfg, bf, cache_len) -> DecodeState:
   model = nnx.merge(graphdef, state)
-  s = _initial_state(model, tokens, mask, rng, cfg, bf, cache_len, newline_mask)
+  s = init_state(model, tokens, mask, rng, cfg, bf, cache_len, newline_mask)
 
   def cond(s):
     return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
@@ -226,19 +239,17 @@ def _cast_state(state, dtype):
   return jax.tree.map(cast, state)
 
 
-_RESULT_FIELDS = ("tokens", "logprobs", "entropies", "injected", "length", "finish", "think_total", "answer_tokens",
-                  "waits", "forced")
-
-
-def _fetch(s: LoopState) -> types.SimpleNamespace:
+def _fetch(s: DecodeState) -> types.SimpleNamespace:
   """The result fields on the host (not the KV cache); gathered from every process on multi-host meshes."""
-  out = {f: getattr(s, f) for f in _RESULT_FIELDS}
+  out = dict(tokens=s.out.tokens, logprobs=s.out.logprobs, entropies=s.out.entropies, injected=s.out.injected,
+             length=s.length, finish=s.finish, think_total=s.budget.think_total,
+             answer_tokens=s.budget.answer_tokens, waits=s.budget.waits, forced=s.budget.forced)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     out = multihost_utils.process_allgather(out, tiled=True)
   else:
     out = jax.device_get(out)
-  return types.SimpleNamespace(**out)
+  return types.SimpleNamespace(**{k: np.asarray(v) for k, v in out.items()})
 
 
 class Sampler:
@@ -274,6 +285,12 @@ class Sampler:
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                budget: BudgetForcing | None = None, seed: int | jax.Array = 0) -> SamplingOutput:
+    """Samples `cfg.n` completions per prompt (token ids); results in prompt order."""
+    return self.generate_padded(prompts, cfg, budget, seed).to_output()
+
+  def generate_padded(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+                      budget: BudgetForcing | None = None, seed: int | jax.Array = 0) -> SampleBatch:
+    """`generate` with the results as padded arrays plus lengths."""
     if not prompts:
       raise ValueError("generate: no prompts given")
     lengths = [len(p) for p in prompts]
@@ -290,18 +307,8 @@ class Sampler:
                   graphdef=self.graphdef, cfg=cfg, bf=budget, cache_len=p + cfg.max_new_tokens)
     s = _fetch(s)
     n = len(prompts) * cfg.n
-    lens = np.asarray(s.length)
-    finish = [FINISH_REASONS[int(f)] for f in np.asarray(s.finish)]
-    return SamplingOutput(
-        tokens=[np.asarray(s.tokens[i, :lens[i]]).tolist() for i in range(n)],
-        logprobs=[np.asarray(s.logprobs[i, :lens[i]]) for i in range(n)],
-        entropies=[np.asarray(s.entropies[i, :lens[i]]) for i in range(n)],
-        injected=[np.asarray(s.injected[i, :lens[i]]) for i in range(n)],
-        finish_reason=finish,
-        thinking_tokens=np.asarray(s.think_total) if budget is not None else np.zeros((n,), np.int32),
-        answer_tokens=np.asarray(s.answer_tokens),
-        waits=np.asarray(s.waits),
-        forced_end=np.asarray(s.forced),
-        truncated=np.asarray([f in ("length", "answer_length") for f in finish]),
-        prompt_index=np.repeat(np.arange(len(prompts)), cfg.n),
-    )
+    return SampleBatch(
+        tokens=s.tokens, logprobs=s.logprobs, entropies=s.entropies, injected=s.injected, length=s.length,
+        finish=s.finish, thinking_tokens=s.think_total if budget is not None else np.zeros((n,), np.int32),
+        answer_tokens=s.answer_tokens, waits=s.waits, forced_end=s.forced,
+        prompt_index=np.repeat(np.arange(len(prompts)), cfg.n))
