@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 import types
 from typing import Sequence
 
@@ -44,20 +45,68 @@ class Outputs:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class DecodeState:
-  """The while-loop carry: one row per sample."""
+class RowStats:
+  """Per-sample counters, [N] (indexed by sample row, not by slot)."""
 
-  step: jax.Array       # [] iterations so far
-  rng: jax.Array
-  cache: KVCache
-  logits: jax.Array     # [B, V] float32, for the next token
-  position: jax.Array   # [B] position of the next token
-  length: jax.Array     # [B] tokens emitted
-  done: jax.Array       # [B] bool
-  finish: jax.Array     # [B] a `Finish` code
-  window: jax.Array     # [B, W] last W emitted tokens (stop sequences)
+  length: jax.Array         # tokens emitted
+  finish: jax.Array         # a `Finish` code
+  think_total: jax.Array    # thinking-phase tokens
+  answer_tokens: jax.Array  # model-generated answer tokens
+  waits: jax.Array
+  forced: jax.Array         # bool
+
+  @classmethod
+  def init(cls, n: int) -> "RowStats":
+    z = jnp.zeros((n,), jnp.int32)
+    return cls(length=z, finish=z, think_total=z, answer_tokens=z, waits=z, forced=jnp.zeros((n,), bool))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  """The while-loop carry. S decode slots, each holding one sample row (or none); results are
+  written by row, so they do not depend on which slot a row ran in."""
+
+  step: jax.Array       # [] decode steps so far
+  rng: jax.Array        # base key; a row's token t uses fold_in(fold_in(rng, row), t)
+  cache: KVCache        # [L, S, C, K, H]
+  logits: jax.Array     # [S, V] float32, for the next token
+  position: jax.Array   # [S] position of the next token
+  length: jax.Array     # [S] tokens emitted by the slot's row
+  done: jax.Array       # [S] bool (True for a free slot)
+  finish: jax.Array     # [S] a `Finish` code
+  window: jax.Array     # [S, W] last W emitted tokens (stop sequences)
+  row: jax.Array        # [S] the sample row in each slot (N: none)
   budget: budget_lib.BudgetState
-  out: Outputs
+  out: Outputs          # [N, M]
+  stats: RowStats       # [N]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PromptBuffer:
+  """Continuous batching: the last prefilled prompt, copied into each slot that takes one of its
+  n samples (one prefill per prompt)."""
+
+  k: jax.Array          # [L, 1, P, K, H]
+  v: jax.Array
+  positions: jax.Array  # [1, P]
+  segments: jax.Array   # [1, P]
+  logits: jax.Array     # [1, V]
+  next_pos: jax.Array   # [1]
+  prompt: jax.Array     # [] which prompt (-1: none)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class EngineState:
+  decode: DecodeState
+  next_row: jax.Array   # [] the next pending sample row
+  buffer: PromptBuffer
+  inserted: jax.Array   # [] rows inserted inside the loop (prefill/insert count)
+
+
+DEFAULT_SLOTS = 256  # continuous batching: decode slots when the caller names none
 
 
 @dataclasses.dataclass
@@ -141,8 +190,9 @@ def _prefill(model: Transformer, tokens, mask, cache_len: int):
 
 
 def init_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, bf: BudgetForcing | None,
-               cache_len: int, newline_mask: jax.Array) -> DecodeState:
-  """The one constructor: prefills the prompts once and repeats each prompt's rows `cfg.n` times."""
+               cache_len: int, newline_mask: jax.Array, num_rows: int | None = None) -> DecodeState:
+  """The one constructor: prefills `tokens` [B, P] once and repeats each prompt's rows `cfg.n`
+  times into B * n slots holding rows 0 .. B*n - 1; result buffers for `num_rows` rows (default B*n)."""
   b = tokens.shape[0]
   cache, logits, next_pos = _prefill(model, tokens, mask, cache_len)
   last_nl = newline_mask[tokens[:, -1]]  # prompts are left-padded: the last column is real
@@ -152,20 +202,23 @@ def init_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, bf: B
                     segments=rep(cache.segments, axis=0), index=cache.index)
     logits, next_pos, last_nl = rep(logits, axis=0), rep(next_pos, axis=0), rep(last_nl, axis=0)
     b = b * cfg.n
+  num_rows = b if num_rows is None else num_rows
   w = max([1] + [len(s) for s in cfg.stop_sequences])
   zeros = lambda dtype=jnp.int32: jnp.zeros((b,), dtype)
   return DecodeState(
       step=jnp.zeros((), jnp.int32), rng=rng, cache=cache, logits=logits, position=next_pos, length=zeros(),
       done=zeros(bool), finish=zeros(), window=jnp.full((b, w), -1, jnp.int32),
-      budget=budget_lib.init(b, bf, last_nl), out=Outputs.init(b, cfg.max_new_tokens, cfg.pad_token_id))
+      row=jnp.arange(b, dtype=jnp.int32), budget=budget_lib.init(b, bf, last_nl),
+      out=Outputs.init(num_rows, cfg.max_new_tokens, cfg.pad_token_id), stats=RowStats.init(num_rows))
 
 
-def _write(out: Outputs, length, active, token, logp, injected) -> Outputs:
-  """Writes this step's token (and its log-prob, entropy, injected flag) at each active row's length."""
-  rows = jnp.arange(length.shape[0])
+def _write(out: Outputs, rows, length, token, logp, injected) -> Outputs:
+  """Writes this step's token (and its log-prob, entropy, injected flag) at [row, length]
+  (rows out of range, i.e. inactive slots, write nothing)."""
   idx = jnp.minimum(length, out.tokens.shape[1] - 1)
-  put = lambda buf, val: buf.at[rows, idx].set(jnp.where(active, val, buf[rows, idx]))
-  return Outputs(tokens=put(out.tokens, token), logprobs=put(out.logprobs, logp[rows, token]),
+  put = lambda buf, val: buf.at[rows, idx].set(val, mode="drop")
+  slots = jnp.arange(token.shape[0])
+  return Outputs(tokens=put(out.tokens, token), logprobs=put(out.logprobs, logp[slots, token]),
                  entropies=put(out.entropies, strategies.entropy(logp)), injected=put(out.injected, injected))
 
 
@@ -187,15 +240,21 @@ def _stop(token, window, model_token, length, answer_tokens, phase, active, cfg:
 
 
 def _step(model: Transformer, s: DecodeState, cfg: SamplingConfig, bf: BudgetForcing | None,
-          newline_mask: jax.Array) -> DecodeState:
-  """choose -> force -> write -> stop -> forward."""
+          newline_mask: jax.Array, prompt_len: int | None = None) -> DecodeState:
+  """choose -> force -> write -> stop -> forward, for every slot.
+
+  `prompt_len` None: the dense layout (all rows write the cache at one shared index). Else
+  continuous batching: a slot's row writes at prompt_len + its length (free slots write nothing).
+  """
   active = ~s.done
-  rng, sub = jax.random.split(s.rng)
-  proposal, logp = strategies.choose(s.logits, sub, cfg)
+  n_rows = s.stats.length.shape[0]
+  rows = jnp.where(active, s.row, n_rows)
+  keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(s.rng, r), t))(s.row, s.length)
+  proposal, logp = strategies.choose_rows(s.logits, keys, cfg)
   f = budget_lib.force(s.budget, proposal, active, bf)
   token = f.token
 
-  out = _write(s.out, s.length, active, token, logp, f.injected)
+  out = _write(s.out, rows, s.length, token, logp, f.injected)
   length = s.length + active
   window = jnp.where(active[:, None], jnp.concatenate([s.window[:, 1:], token[:, None]], axis=1), s.window)
   bud = dataclasses.replace(f.state, last_nl=jnp.where(active, newline_mask[token], f.state.last_nl))
@@ -203,14 +262,24 @@ def _step(model: Transformer, s: DecodeState, cfg: SamplingConfig, bf: BudgetFor
   ended = _stop(token, window, active & ~f.injected, length, bud.answer_tokens, bud.phase, active, cfg, bf)
   finish = jnp.where(ended != Finish.RUNNING, ended, s.finish)
   done = s.done | (ended != Finish.RUNNING)
+  put = lambda buf, val: buf.at[rows].set(val, mode="drop")
+  stats = RowStats(length=put(s.stats.length, length), finish=put(s.stats.finish, finish),
+                   think_total=put(s.stats.think_total, bud.think_total),
+                   answer_tokens=put(s.stats.answer_tokens, bud.answer_tokens), waits=put(s.stats.waits, bud.waits),
+                   forced=put(s.stats.forced, bud.forced))
 
-  logits, cache = model(token[:, None], s.position[:, None], active[:, None].astype(jnp.int32), cache=s.cache)
-  return DecodeState(step=s.step + 1, rng=rng, cache=cache, logits=logits[:, 0], position=s.position + active,
-                     length=length, done=done, finish=finish, window=window, budget=bud, out=out)
+  cache = s.cache
+  if prompt_len is not None:
+    cache = dataclasses.replace(cache, index=jnp.where(active, prompt_len + s.length, cache.k.shape[2]))
+  logits, cache = model(token[:, None], s.position[:, None], active[:, None].astype(jnp.int32), cache=cache)
+  return DecodeState(step=s.step + 1, rng=s.rng, cache=cache, logits=logits[:, 0], position=s.position + active,
+                     length=length, done=done, finish=finish, window=window, row=s.row, budget=bud, out=out,
+                     stats=stats)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "cache_len"))
 def _generate(state, tokens, mask, rng, newline_mask, *, graphdef, cfg, bf, cache_len) -> DecodeState:
+  """The dense sampler: every prompt in its own slots, decoded until the longest row ends."""
   model = nnx.merge(graphdef, state)
   s = init_state(model, tokens, mask, rng, cfg, bf, cache_len, newline_mask)
 
@@ -221,6 +290,77 @@ def _generate(state, tokens, mask, rng, newline_mask, *, graphdef, cfg, bf, cach
     return _step(model, s, cfg, bf, newline_mask)
 
   return jax.lax.while_loop(cond, body, s)
+
+
+def _fill_buffer(model: Transformer, tokens, mask, prompt) -> PromptBuffer:
+  """Prefills prompt `prompt` (a traced index into tokens [Np, P]) alone."""
+  p = tokens.shape[1]
+  one = lambda a: jax.lax.dynamic_slice_in_dim(a, prompt, 1, axis=0)
+  cache, logits, next_pos = _prefill(model, one(tokens), one(mask), p)
+  return PromptBuffer(k=cache.k, v=cache.v, positions=cache.positions, segments=cache.segments, logits=logits,
+                      next_pos=next_pos, prompt=prompt)
+
+
+def _insert(model: Transformer, e: EngineState, tokens, mask, cfg: SamplingConfig, bf: BudgetForcing | None,
+            newline_mask: jax.Array) -> EngineState:
+  """Puts the next pending row into the first free slot (prefilling its prompt unless buffered)."""
+  s, r = e.decode, e.next_row
+  prompt = r // cfg.n
+  buf = jax.lax.cond(prompt != e.buffer.prompt, lambda: _fill_buffer(model, tokens, mask, prompt),
+                     lambda: e.buffer)
+  slot = jnp.argmax(s.done).astype(jnp.int32)
+  c = s.cache
+  pad = jnp.zeros((1, c.positions.shape[1] - buf.positions.shape[1]), jnp.int32)
+  put5 = lambda a, b: jax.lax.dynamic_update_slice(a, b.astype(a.dtype), (0, slot, 0, 0, 0))
+  put2 = lambda a, b: jax.lax.dynamic_update_slice(a, jnp.concatenate([b, pad], axis=1), (slot, 0))
+  cache = KVCache(k=put5(c.k, buf.k), v=put5(c.v, buf.v), positions=put2(c.positions, buf.positions),
+                  segments=put2(c.segments, buf.segments), index=c.index)
+  last_nl = newline_mask[tokens[prompt, -1]][None]
+  fresh = budget_lib.init(1, bf, last_nl)
+  at = lambda a, val: a.at[slot].set(val)
+  s = dataclasses.replace(
+      s, cache=cache, logits=at(s.logits, buf.logits[0]), position=at(s.position, buf.next_pos[0]),
+      length=at(s.length, 0), done=at(s.done, False), finish=at(s.finish, Finish.RUNNING),
+      window=at(s.window, -1), row=at(s.row, r),
+      budget=jax.tree.map(lambda a, f: a.at[slot].set(f[0]), s.budget, fresh))
+  return EngineState(decode=s, next_row=r + 1, buffer=buf, inserted=e.inserted + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "cache_len", "slots"))
+def _generate_continuous(state, tokens, mask, rng, newline_mask, *, graphdef, cfg, bf, cache_len,
+                         slots) -> EngineState:
+  """Continuous batching: `slots` decode slots over the queue of all prompts' n samples.
+
+  The first slots // n prompts are prefilled together; whenever slots are free at the top of an
+  iteration, pending rows are inserted (a prompt is prefilled once, into `PromptBuffer`, and
+  copied into a slot for each of its samples), all inside the one jitted while loop.
+  """
+  model = nnx.merge(graphdef, state)
+  num_prompts, p = tokens.shape
+  num_rows = num_prompts * cfg.n
+  first = slots // cfg.n
+  s = init_state(model, tokens[:first], mask[:first], rng, cfg, bf, cache_len, newline_mask, num_rows=num_rows)
+  s = dataclasses.replace(s, cache=dataclasses.replace(s.cache, index=jnp.full((slots,), p, jnp.int32)))
+  c = model.cfg
+  kv = (c.num_layers, 1, p, c.num_kv_heads, c.resolved_head_dim)
+  empty = PromptBuffer(k=jnp.zeros(kv, s.cache.k.dtype), v=jnp.zeros(kv, s.cache.v.dtype),
+                       positions=jnp.zeros((1, p), jnp.int32), segments=jnp.zeros((1, p), jnp.int32),
+                       logits=jnp.zeros((1, s.logits.shape[1]), s.logits.dtype), next_pos=jnp.zeros((1,), jnp.int32),
+                       prompt=jnp.asarray(-1, jnp.int32))
+  e = EngineState(decode=s, next_row=jnp.asarray(slots, jnp.int32), buffer=empty, inserted=jnp.zeros((), jnp.int32))
+
+  def refill(e):
+    can = lambda e: jnp.any(e.decode.done) & (e.next_row < num_rows)
+    return jax.lax.while_loop(can, lambda e: _insert(model, e, tokens, mask, cfg, bf, newline_mask), e)
+
+  def cond(e):
+    return ~jnp.all(e.decode.done) | (e.next_row < num_rows)
+
+  def body(e):
+    e = refill(e)
+    return dataclasses.replace(e, decode=_step(model, e.decode, cfg, bf, newline_mask, prompt_len=p))
+
+  return jax.lax.while_loop(cond, body, e)
 
 
 def newline_mask_for(tokenizer, vocab_size: int) -> np.ndarray:
@@ -242,13 +382,14 @@ def _cast_state(state, dtype):
 def _fetch(s: DecodeState) -> types.SimpleNamespace:
   """The result fields on the host (not the KV cache); gathered from every process on multi-host meshes."""
   out = dict(tokens=s.out.tokens, logprobs=s.out.logprobs, entropies=s.out.entropies, injected=s.out.injected,
-             length=s.length, finish=s.finish, think_total=s.budget.think_total,
-             answer_tokens=s.budget.answer_tokens, waits=s.budget.waits, forced=s.budget.forced)
+             length=s.stats.length, finish=s.stats.finish, think_total=s.stats.think_total,
+             answer_tokens=s.stats.answer_tokens, waits=s.stats.waits, forced=s.stats.forced)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     out = multihost_utils.process_allgather(out, tiled=True)
   else:
     out = jax.device_get(out)
+  out["steps"] = s.step.addressable_data(0)  # replicated scalar
   return types.SimpleNamespace(**{k: np.asarray(v) for k, v in out.items()})
 
 
@@ -260,7 +401,12 @@ class Sampler:
   memory traffic); with fp32 compute it uses the model's arrays as they are, without a copy.
   """
 
-  def __init__(self, model: Transformer, newline_mask: np.ndarray | None = None):
+  engine = "continuous"
+  slots: int | None = None
+
+  def __init__(self, model: Transformer, newline_mask: np.ndarray | None = None, *, engine: str = "continuous",
+               slots: int | None = None):
+    self.engine, self.slots = engine, slots
     self.graphdef, state = nnx.split(model)
     self.cfg = model.cfg
     self.state = _cast_state(state, model.cfg.dtype)
@@ -284,13 +430,20 @@ class Sampler:
     self.state = _cast_state(state, self.cfg.dtype)
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
-               budget: BudgetForcing | None = None, seed: int | jax.Array = 0) -> SamplingOutput:
-    """Samples `cfg.n` completions per prompt (token ids); results in prompt order."""
-    return self.generate_padded(prompts, cfg, budget, seed).to_output()
+               budget: BudgetForcing | None = None, seed: int | jax.Array = 0, *,
+               engine: str | None = None, slots: int | None = None) -> SamplingOutput:
+    """Samples `cfg.n` completions per prompt (token ids); results in prompt order. Row r's
+    tokens depend only on (seed, r, the weights), not on the engine or the slot it ran in."""
+    return self.generate_padded(prompts, cfg, budget, seed, engine=engine, slots=slots).to_output()
 
   def generate_padded(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
-                      budget: BudgetForcing | None = None, seed: int | jax.Array = 0) -> SampleBatch:
-    """`generate` with the results as padded arrays plus lengths."""
+                      budget: BudgetForcing | None = None, seed: int | jax.Array = 0, *,
+                      engine: str | None = None, slots: int | None = None) -> SampleBatch:
+    """`generate` with the results as padded arrays plus lengths, and the engine's metrics.
+
+    engine: "continuous" (default, `self.engine`) or "dense"; slots: decode slots for continuous
+    batching (default `self.slots`, else DEFAULT_SLOTS; rounded to a multiple of n).
+    """
     if not prompts:
       raise ValueError("generate: no prompts given")
     lengths = [len(p) for p in prompts]
@@ -303,12 +456,37 @@ class Sampler:
       tokens[i, p - len(ids):] = ids
       mask[i, p - len(ids):] = 1
     rng = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
-    s = _generate(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask,
-                  graphdef=self.graphdef, cfg=cfg, bf=budget, cache_len=p + cfg.max_new_tokens)
-    s = _fetch(s)
+    engine = engine or self.engine
     n = len(prompts) * cfg.n
+    t0 = time.perf_counter()
+    if engine == "dense":
+      slots = n
+      s = _generate(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask,
+                    graphdef=self.graphdef, cfg=cfg, bf=budget, cache_len=p + cfg.max_new_tokens)
+      inserted = 0
+    elif engine == "continuous":
+      slots = self.num_slots(len(prompts), cfg.n, slots)
+      e = _generate_continuous(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask,
+                               graphdef=self.graphdef, cfg=cfg, bf=budget, cache_len=p + cfg.max_new_tokens,
+                               slots=slots)
+      s, inserted = e.decode, e.inserted
+    else:
+      raise ValueError(f"generate: engine must be 'continuous' or 'dense', got {engine!r}")
+    s = _fetch(s)
+    seconds = time.perf_counter() - t0
+    useful, steps = int(s.length.sum()), int(s.steps)
+    metrics = dict(engine=engine, slots=slots, decode_steps=steps, tokens=useful, seconds=seconds,
+                   tokens_per_s=useful / max(seconds, 1e-9), inserted=int(np.asarray(inserted)),
+                   slot_occupancy=useful / max(steps * slots, 1), padding_waste=1 - useful / max(steps * slots, 1),
+                   longest=int(s.length.max()))
     return SampleBatch(
         tokens=s.tokens, logprobs=s.logprobs, entropies=s.entropies, injected=s.injected, length=s.length,
         finish=s.finish, thinking_tokens=s.think_total if budget is not None else np.zeros((n,), np.int32),
         answer_tokens=s.answer_tokens, waits=s.waits, forced_end=s.forced,
-        prompt_index=np.repeat(np.arange(len(prompts)), cfg.n))
+        prompt_index=np.repeat(np.arange(len(prompts)), cfg.n), metrics=metrics)
+
+  def num_slots(self, num_prompts: int, n: int, slots: int | None = None) -> int:
+    """Decode slots for continuous batching: `slots` (default `self.slots`), a multiple of n, at
+    most every row (a batch that fits runs in one wave, as the dense sampler would)."""
+    want = slots or self.slots or DEFAULT_SLOTS
+    return max(n, min(want, num_prompts * n) // n * n)
