@@ -165,3 +165,19 @@ def test_per_row_cache_write():
   want = np.zeros((2, 3, 6))
   want[1, 0, 0], want[1, 1, 4] = 1, 2  # row 2's index is past the end: dropped
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_per_process_shares_equal_one_process(pair, count):
+  """Each 'process' samples its share (here in turn, in one process); together they equal the
+  whole batch, row for row, with temperature sampling (seeds follow the question, not the process)."""
+  from jaxreason.sampling import distributed
+  _, sampler = pair
+  cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, n=2, stop_token_ids=(EOS,))
+  whole = sampler.generate_padded(PROMPTS, cfg, seed=3, slots=4)
+  parts = [distributed.generate_share(sampler, PROMPTS, cfg, seed=3, process_index=i, process_count=count,
+                                      gather=False, slots=4) for i in range(count)]
+  assert [len(distributed.share(8, i, 3)) for i in range(3)] == [3, 3, 2]
+  for f in ("tokens", "length", "finish", "prompt_index", "logprobs"):
+    got = np.concatenate([getattr(p, f) for p in parts])
+    np.testing.assert_allclose(got, getattr(whole, f), atol=2e-5, err_msg=f)

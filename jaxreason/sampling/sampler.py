@@ -77,6 +77,7 @@ class DecodeState:
   finish: jax.Array     # [S] a `Finish` code
   window: jax.Array     # [S, W] last W emitted tokens (stop sequences)
   row: jax.Array        # [S] the sample row in each slot (N: none)
+  row_offset: jax.Array  # [] global index of row 0 (RNG only: a share of a larger batch draws as in it)
   budget: budget_lib.BudgetState
   out: Outputs          # [N, M]
   stats: RowStats       # [N]
@@ -208,7 +209,7 @@ def init_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, bf: B
   return DecodeState(
       step=jnp.zeros((), jnp.int32), rng=rng, cache=cache, logits=logits, position=next_pos, length=zeros(),
       done=zeros(bool), finish=zeros(), window=jnp.full((b, w), -1, jnp.int32),
-      row=jnp.arange(b, dtype=jnp.int32), budget=budget_lib.init(b, bf, last_nl),
+      row=jnp.arange(b, dtype=jnp.int32), row_offset=jnp.zeros((), jnp.int32), budget=budget_lib.init(b, bf, last_nl),
       out=Outputs.init(num_rows, cfg.max_new_tokens, cfg.pad_token_id), stats=RowStats.init(num_rows))
 
 
@@ -249,7 +250,7 @@ def _step(model: Transformer, s: DecodeState, cfg: SamplingConfig, bf: BudgetFor
   active = ~s.done
   n_rows = s.stats.length.shape[0]
   rows = jnp.where(active, s.row, n_rows)
-  keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(s.rng, r), t))(s.row, s.length)
+  keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(s.rng, r), t))(s.row + s.row_offset, s.length)
   proposal, logp = strategies.choose_rows(s.logits, keys, cfg)
   f = budget_lib.force(s.budget, proposal, active, bf)
   token = f.token
@@ -273,15 +274,17 @@ def _step(model: Transformer, s: DecodeState, cfg: SamplingConfig, bf: BudgetFor
     cache = dataclasses.replace(cache, index=jnp.where(active, prompt_len + s.length, cache.k.shape[2]))
   logits, cache = model(token[:, None], s.position[:, None], active[:, None].astype(jnp.int32), cache=cache)
   return DecodeState(step=s.step + 1, rng=s.rng, cache=cache, logits=logits[:, 0], position=s.position + active,
-                     length=length, done=done, finish=finish, window=window, row=s.row, budget=bud, out=out,
+                     length=length, done=done, finish=finish, window=window, row=s.row, row_offset=s.row_offset,
+                     budget=bud, out=out,
                      stats=stats)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "cache_len"))
-def _generate(state, tokens, mask, rng, newline_mask, *, graphdef, cfg, bf, cache_len) -> DecodeState:
+def _generate(state, tokens, mask, rng, newline_mask, row_offset, *, graphdef, cfg, bf, cache_len) -> DecodeState:
   """The dense sampler: every prompt in its own slots, decoded until the longest row ends."""
   model = nnx.merge(graphdef, state)
   s = init_state(model, tokens, mask, rng, cfg, bf, cache_len, newline_mask)
+  s = dataclasses.replace(s, row_offset=row_offset)
 
   def cond(s):
     return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
@@ -327,7 +330,7 @@ def _insert(model: Transformer, e: EngineState, tokens, mask, cfg: SamplingConfi
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "cache_len", "slots"))
-def _generate_continuous(state, tokens, mask, rng, newline_mask, *, graphdef, cfg, bf, cache_len,
+def _generate_continuous(state, tokens, mask, rng, newline_mask, row_offset, *, graphdef, cfg, bf, cache_len,
                          slots) -> EngineState:
   """Continuous batching: `slots` decode slots over the queue of all prompts' n samples.
 
@@ -340,7 +343,8 @@ def _generate_continuous(state, tokens, mask, rng, newline_mask, *, graphdef, cf
   num_rows = num_prompts * cfg.n
   first = slots // cfg.n
   s = init_state(model, tokens[:first], mask[:first], rng, cfg, bf, cache_len, newline_mask, num_rows=num_rows)
-  s = dataclasses.replace(s, cache=dataclasses.replace(s.cache, index=jnp.full((slots,), p, jnp.int32)))
+  s = dataclasses.replace(s, cache=dataclasses.replace(s.cache, index=jnp.full((slots,), p, jnp.int32)),
+                          row_offset=row_offset)
   c = model.cfg
   kv = (c.num_layers, 1, p, c.num_kv_heads, c.resolved_head_dim)
   empty = PromptBuffer(k=jnp.zeros(kv, s.cache.k.dtype), v=jnp.zeros(kv, s.cache.v.dtype),
@@ -438,11 +442,13 @@ class Sampler:
 
   def generate_padded(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                       budget: BudgetForcing | None = None, seed: int | jax.Array = 0, *,
-                      engine: str | None = None, slots: int | None = None) -> SampleBatch:
+                      engine: str | None = None, slots: int | None = None, row_offset: int = 0) -> SampleBatch:
     """`generate` with the results as padded arrays plus lengths, and the engine's metrics.
 
     engine: "continuous" (default, `self.engine`) or "dense"; slots: decode slots for continuous
-    batching (default `self.slots`, else DEFAULT_SLOTS; rounded to a multiple of n).
+    batching (default `self.slots`, else DEFAULT_SLOTS; rounded to a multiple of n); row_offset:
+    these prompts' first row in a larger batch (rows draw their random numbers as they would there;
+    `jaxreason.sampling.distributed` uses it).
     """
     if not prompts:
       raise ValueError("generate: no prompts given")
@@ -458,25 +464,26 @@ class Sampler:
     rng = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
     engine = engine or self.engine
     n = len(prompts) * cfg.n
+    offset = jnp.asarray(row_offset, jnp.int32)
     t0 = time.perf_counter()
     if engine == "dense":
       slots = n
-      s = _generate(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask,
+      s = _generate(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask, offset,
                     graphdef=self.graphdef, cfg=cfg, bf=budget, cache_len=p + cfg.max_new_tokens)
       inserted = 0
     elif engine == "continuous":
       slots = self.num_slots(len(prompts), cfg.n, slots)
-      e = _generate_continuous(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask,
+      e = _generate_continuous(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask, offset,
                                graphdef=self.graphdef, cfg=cfg, bf=budget, cache_len=p + cfg.max_new_tokens,
                                slots=slots)
-      s, inserted = e.decode, e.inserted
+      s, inserted = e.decode, int(np.asarray(e.inserted.addressable_data(0)))  # replicated scalar
     else:
       raise ValueError(f"generate: engine must be 'continuous' or 'dense', got {engine!r}")
     s = _fetch(s)
     seconds = time.perf_counter() - t0
     useful, steps = int(s.length.sum()), int(s.steps)
     metrics = dict(engine=engine, slots=slots, decode_steps=steps, tokens=useful, seconds=seconds,
-                   tokens_per_s=useful / max(seconds, 1e-9), inserted=int(np.asarray(inserted)),
+                   tokens_per_s=useful / max(seconds, 1e-9), inserted=inserted,
                    slot_occupancy=useful / max(steps * slots, 1), padding_waste=1 - useful / max(steps * slots, 1),
                    longest=int(s.length.max()))
     return SampleBatch(
