@@ -41,7 +41,8 @@ class KVCache:
   """Dense per-layer KV cache with the positions and segment ids of each slot.
 
   k, v: [L, B, S, K, H]; positions, segments: [B, S] (segment 0 = empty/padding); index: the next
-  slot to write (shared by all rows: prompts are left-padded to a common length).
+  slot to write, [] shared by all rows (prompts left-padded to a common length) or [B] per row
+  (continuous batching; an index >= S drops that row's write).
   """
 
   k: jax.Array
@@ -58,6 +59,14 @@ class KVCache:
                positions=jnp.zeros((batch, length), jnp.int32),
                segments=jnp.zeros((batch, length), jnp.int32),
                index=jnp.zeros((), jnp.int32))
+
+
+def _write_slots(buf: jax.Array, index: jax.Array, val: jax.Array) -> jax.Array:
+  """buf [B, S], val [B, T] written at slots [index, index + T) (index [] or [B])."""
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buf, val.astype(buf.dtype), index, axis=1)
+  rows = jnp.arange(val.shape[0])[:, None]
+  return buf.at[rows, index[:, None] + jnp.arange(val.shape[1])[None]].set(val.astype(buf.dtype), mode="drop")
 
 
 class Block(nnx.Module):
@@ -130,8 +139,8 @@ class Transformer(nnx.Module):
       return self.final_norm(x), None
 
     index = cache.index
-    kv_pos = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, index, axis=1)
-    kv_seg = jax.lax.dynamic_update_slice_in_dim(cache.segments, segments, index, axis=1)
+    kv_pos = _write_slots(cache.positions, index, positions)
+    kv_seg = _write_slots(cache.segments, index, segments)
     ck, cv = cache.k, cache.v
     if cfg.scan_layers:
       x, ck, cv = self._scan_cached(x, sin, cos, positions, segments, ck, cv, kv_pos, kv_seg, index)

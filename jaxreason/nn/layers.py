@@ -54,6 +54,20 @@ def unembed(x: jax.Array, table: jax.Array) -> jax.Array:
   return jnp.einsum("BTD,VD->BTV", x, table.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def write_cache(buf: jax.Array, layer: int, index: jax.Array, val: jax.Array) -> jax.Array:
+  """Writes val [B, T, ...] into layer `layer` of buf [L, B, S, ...] at slots [index, index + T).
+
+  `index` is a scalar (all rows at one slot: prefill, the dense sampler) or [B] (each row at its own
+  slot: continuous batching; an index >= S drops that row's write). In place inside a jitted loop.
+  """
+  val = val.astype(buf.dtype)
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice(buf, val[None], (layer, 0, index) + (0,) * (buf.ndim - 3))
+  b, t = val.shape[:2]
+  rows = jnp.arange(b)[:, None]
+  return buf.at[layer, rows, index[:, None] + jnp.arange(t)[None]].set(val, mode="drop")
+
+
 class Attention(nnx.Module):
   """GQA self-attention with RoPE; optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
 
@@ -79,9 +93,9 @@ class Attention(nnx.Module):
     """x [B, T, D] -> ([B, T, D], updated (k, v) cache or None).
 
     `cache` is (k [L, B, S, K, H], v [L, B, S, K, H], layer, kv_positions [B, S],
-    kv_segments [B, S], index): this call's keys/values are written into layer `layer` at slots
-    [index, index + T) (in place inside a jitted loop) and attention runs over that layer's
-    whole cache with its positions and segments.
+    kv_segments [B, S], index [] or [B]): this call's keys/values are written into layer `layer`
+    at slots [index, index + T) (in place inside a jitted loop; per row when index is [B]) and
+    attention runs over the filled part of that layer's cache with its positions and segments.
     """
     cfg, dt = self.cfg, x.dtype
     # [B, T, N, H]
@@ -99,21 +113,20 @@ class Attention(nnx.Module):
     k = sharding.constrain(rope_ops.apply_rope(k, sin, cos), ("act_batch", "act_length", "act_kv_heads", None))
     v = sharding.constrain(v, ("act_batch", "act_length", "act_kv_heads", None))
 
+    scale = cfg.resolved_head_dim ** -0.5
     if cache is None:
-      keys, values, kv_pos, kv_seg, new_cache = k, v, positions, segments, None
+      mask = masks.attention_mask(positions, segments, positions, segments)
+      out = attention_ops.attention(q, k, v, mask=mask, scale=scale, backend=cfg.attention_backend,
+                                    q_segments=segments, kv_segments=segments, self_attention=True)
+      new_cache = None
     else:
       ck, cv, layer, kv_pos, kv_seg, index = cache
-      start = (layer, 0, index, 0, 0)
-      ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
-      cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
+      ck, cv = write_cache(ck, layer, index, k), write_cache(cv, layer, index, v)
       new_cache = (ck, cv)
-      keys, values = ck[layer].astype(dt), cv[layer].astype(dt)
-
-    mask = masks.attention_mask(positions, segments, kv_pos, kv_seg)
-    out = attention_ops.attention(
-        q, keys, values, mask=mask, scale=cfg.resolved_head_dim ** -0.5,
-        backend=cfg.attention_backend, q_segments=segments, kv_segments=kv_seg,
-        self_attention=cache is None)
+      # Only the filled part of the cache is attended (bucketed); rows write at their own index.
+      live = jnp.max(jnp.where(index < ck.shape[2], index + k.shape[1], k.shape[1]))
+      out = attention_ops.cached_attention(q, ck, cv, layer, positions, segments, kv_pos, kv_seg, live,
+                                           scale=scale, backend=cfg.attention_backend)
     # [B, T, D]
     y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
     if cfg.o_bias:

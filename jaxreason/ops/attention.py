@@ -25,6 +25,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxreason import sharding
 
+from jaxreason.ops import masks
+
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -133,3 +135,49 @@ def attention(q, k, v, *, mask, scale, backend="xla", q_segments=None, kv_segmen
   if backend == "cudnn":
     return cudnn_attention(q, k, v, mask, scale)
   return xla_attention(q, k, v, mask, scale)
+
+
+# Bucketed decode attention (below) is off by default: on XLA:CPU the `lax.switch` cost more than the
+# slots it saved (tools/bench_rollout.py prints both). Set True to try it on an accelerator.
+BUCKETED_DECODE = False
+
+
+def kv_buckets(cache_len: int, block: int = 128) -> tuple[int, ...]:
+  """Static key lengths decode attention may run at: block, 2 block, 4 block, ... < cache_len, cache_len."""
+  sizes, b = [], block
+  while b < cache_len:
+    sizes.append(b)
+    b *= 2
+  return tuple(sizes) + (cache_len,)
+
+
+def cached_attention(q, ck, cv, layer: int, q_positions, q_segments, kv_positions, kv_segments, live, *, scale,
+                     backend="xla", block: int = 128, bucketed: bool | None = None):
+  """Attention of q [B, T, N, H] over the first `live` slots of layer `layer` of a cache [L, B, S, K, H].
+
+  `live` (a traced scalar: the longest live row's filled length) picks the smallest bucket of
+  `kv_buckets(S)` that holds it, so a step at context 200 reads 256 slots, not S. Slots past `live`
+  are empty (segment 0) for every row, so the result equals attention over the whole cache. The
+  slicing happens inside the chosen branch, so only the bucket is read. `bucketed` False (the
+  default, `BUCKETED_DECODE`): one branch, the whole cache.
+  """
+  bucketed = BUCKETED_DECODE if bucketed is None else bucketed
+  buckets = kv_buckets(ck.shape[2], block) if bucketed else (ck.shape[2],)
+  dt = q.dtype
+  backend = resolve_backend(backend)
+
+  def at(size):
+    def branch(q, ck, cv, kv_positions, kv_segments):
+      k = jax.lax.slice_in_dim(ck, 0, size, axis=1).astype(dt)
+      v = jax.lax.slice_in_dim(cv, 0, size, axis=1).astype(dt)
+      mask = masks.attention_mask(q_positions, q_segments, kv_positions[:, :size], kv_segments[:, :size])
+      if backend == "cudnn":
+        return cudnn_attention(q, k, v, mask, scale)
+      return xla_attention(q, k, v, mask, scale)
+    return branch
+
+  operands = (q, ck[layer], cv[layer], kv_positions, kv_segments)
+  if len(buckets) == 1:
+    return at(buckets[0])(*operands)
+  index = jnp.sum(jnp.asarray(buckets[:-1]) < live).astype(jnp.int32)
+  return jax.lax.switch(index, [at(size) for size in buckets], *operands)

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 
-FINISH_REASONS = ("running", "stop", "length", "answer_length")
+
+class Finish(enum.IntEnum):
+  """Why a row ended (the codes the decode loop stores; `FINISH_REASONS[code]` is the name)."""
+
+  RUNNING = 0
+  STOP = 1           # a stop token or stop sequence
+  LENGTH = 2         # max_new_tokens
+  ANSWER_LENGTH = 3  # budget forcing's max_answer_tokens
+
+
+FINISH_REASONS = tuple(f.name.lower() for f in Finish)  # ("running", "stop", "length", "answer_length")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 import types
 from typing import Sequence
 
@@ -21,41 +22,101 @@ from flax import nnx
 
 from jaxreason.models.transformer import KVCache, Transformer
 from jaxreason.ops import masks
+from jaxreason.sampling import budget as budget_lib
 from jaxreason.sampling import strategies
-from jaxreason.sampling.config import FINISH_REASONS, BudgetForcing, SamplingConfig
+from jaxreason.sampling.config import FINISH_REASONS, BudgetForcing, Finish, SamplingConfig
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class LoopState:
-  step: jax.Array           # [] iterations so far
-  rng: jax.Array
-  cache: KVCache
-  logits: jax.Array         # [B, V] float32, for the next token
-  position: jax.Array       # [B] position of the next token
-  tokens: jax.Array         # [B, M] emitted tokens (M = max_new_tokens)
-  logprobs: jax.Array       # [B, M] log-prob of each emitted token under the scaled distribution
-  entropies: jax.Array      # [B, M] entropy of that distribution
-  injected: jax.Array       # [B, M] True where budget forcing injected the token
-  length: jax.Array         # [B] tokens emitted
-  done: jax.Array           # [B] bool
-  finish: jax.Array         # [B] index into FINISH_REASONS
-  window: jax.Array         # [B, W] last W emitted tokens (stop sequences)
-  phase: jax.Array          # [B] 0 thinking, 1 answer
-  think_gen: jax.Array      # [B] model-generated thinking tokens (the budget)
-  think_total: jax.Array    # [B] all thinking-phase tokens (reported)
-  answer_tokens: jax.Array  # [B] model-generated answer tokens
-  waits: jax.Array          # [B] extensions used
-  forced: jax.Array         # [B] bool: thinking was cut by the budget
-  last_nl: jax.Array        # [B] bool: the last emitted token ends with a newline
-  queue: jax.Array          # [B, Q] tokens to inject
-  queue_len: jax.Array      # [B]
-  queue_pos: jax.Array      # [B]
+class Outputs:
+  """What the loop writes per emitted token: [B, M] buffers (M = max_new_tokens)."""
+
+  tokens: jax.Array     # [B, M] emitted tokens (pad after the end)
+  logprobs: jax.Array   # [B, M] log-prob of each token under the scaled distribution
+  entropies: jax.Array  # [B, M] entropy of that distribution
+  injected: jax.Array   # [B, M] True where budget forcing injected the token
+
+  @classmethod
+  def init(cls, batch: int, m: int, pad_id: int) -> "Outputs":
+    return cls(tokens=jnp.full((batch, m), pad_id, jnp.int32), logprobs=jnp.zeros((batch, m), jnp.float32),
+               entropies=jnp.zeros((batch, m), jnp.float32), injected=jnp.zeros((batch, m), bool))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RowStats:
+  """Per-sample counters, [N] (indexed by sample row, not by slot)."""
+
+  length: jax.Array         # tokens emitted
+  finish: jax.Array         # a `Finish` code
+  think_total: jax.Array    # thinking-phase tokens
+  answer_tokens: jax.Array  # model-generated answer tokens
+  waits: jax.Array
+  forced: jax.Array         # bool
+
+  @classmethod
+  def init(cls, n: int) -> "RowStats":
+    z = jnp.zeros((n,), jnp.int32)
+    return cls(length=z, finish=z, think_total=z, answer_tokens=z, waits=z, forced=jnp.zeros((n,), bool))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+  """The while-loop carry. S decode slots, each holding one sample row (or none); results are
+  written by row, so they do not depend on which slot a row ran in."""
+
+  step: jax.Array       # [] decode steps so far
+  rng: jax.Array        # base key; a row's token t uses fold_in(fold_in(rng, row), t)
+  cache: KVCache        # [L, S, C, K, H]
+  logits: jax.Array     # [S, V] float32, for the next token
+  position: jax.Array   # [S] position of the next token
+  length: jax.Array     # [S] tokens emitted by the slot's row
+  done: jax.Array       # [S] bool (True for a free slot)
+  finish: jax.Array     # [S] a `Finish` code
+  window: jax.Array     # [S, W] last W emitted tokens (stop sequences)
+  row: jax.Array        # [S] the sample row in each slot (N: none)
+  row_offset: jax.Array  # [] global index of row 0 (RNG only: a share of a larger batch draws as in it)
+  budget: budget_lib.BudgetState
+  out: Outputs          # [N, M]
+  stats: RowStats       # [N]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PromptBuffer:
+  """Continuous batching: the last prefilled prompt, copied into each slot that takes one of its
+  n samples (one prefill per prompt)."""
+
+  k: jax.Array          # [L, 1, P, K, H]
+  v: jax.Array
+  positions: jax.Array  # [1, P]
+  segments: jax.Array   # [1, P]
+  logits: jax.Array     # [1, V]
+  next_pos: jax.Array   # [1]
+  prompt: jax.Array     # [] which prompt (-1: none)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class EngineState:
+  decode: DecodeState
+  next_row: jax.Array   # [] the next pending sample row
+  buffer: PromptBuffer
+  inserted: jax.Array   # [] rows inserted inside the loop (prefill/insert count)
+
+
+DEFAULT_SLOTS = 256  # continuous batching: decode slots when the caller names none
 
 
 @dataclasses.dataclass
 class SamplingOutput:
-  """Host-side results, one entry per sample (prompt-major: prompt i -> rows i*n .. i*n+n-1)."""
+  """Host-side results, one entry per sample (prompt-major: prompt i -> rows i*n .. i*n+n-1).
+
+  The list fields are today's interface; `padded` holds the same results as padded [N, M] arrays
+  plus lengths (what vectorised callers should use), and `metrics` the engine's counters.
+  """
 
   tokens: list[list[int]]
   logprobs: list[np.ndarray]
@@ -68,6 +129,47 @@ class SamplingOutput:
   forced_end: np.ndarray
   truncated: np.ndarray  # ended by a length limit instead of a stop token/sequence
   prompt_index: np.ndarray
+  padded: "SampleBatch | None" = None
+  metrics: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class SampleBatch:
+  """Results as padded arrays: row r is sample r % n of prompt r // n; entries past `length[r]` are
+  padding (pad id / 0 / False)."""
+
+  tokens: np.ndarray           # [N, M] int32
+  logprobs: np.ndarray         # [N, M] float32
+  entropies: np.ndarray        # [N, M] float32
+  injected: np.ndarray         # [N, M] bool
+  length: np.ndarray           # [N] tokens emitted
+  finish: np.ndarray           # [N] `Finish` codes
+  thinking_tokens: np.ndarray  # [N] (0 without budget forcing)
+  answer_tokens: np.ndarray    # [N]
+  waits: np.ndarray            # [N]
+  forced_end: np.ndarray       # [N] bool
+  prompt_index: np.ndarray     # [N]
+  metrics: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def truncated(self) -> np.ndarray:
+    return np.isin(self.finish, (Finish.LENGTH, Finish.ANSWER_LENGTH))
+
+  @property
+  def mask(self) -> np.ndarray:
+    """[N, M] bool: the emitted part of each row."""
+    return np.arange(self.tokens.shape[1])[None] < self.length[:, None]
+
+  def to_output(self) -> SamplingOutput:
+    """Today's list-per-sample interface (`Sampler.generate`'s return value)."""
+    lens = self.length
+    cut = lambda a: [a[i, :lens[i]] for i in range(len(lens))]
+    return SamplingOutput(
+        tokens=[t.tolist() for t in cut(self.tokens)], logprobs=cut(self.logprobs), entropies=cut(self.entropies),
+        injected=cut(self.injected), finish_reason=[FINISH_REASONS[int(f)] for f in self.finish],
+        thinking_tokens=self.thinking_tokens, answer_tokens=self.answer_tokens, waits=self.waits,
+        forced_end=self.forced_end, truncated=self.truncated, prompt_index=self.prompt_index, padded=self,
+        metrics=self.metrics)
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -78,20 +180,22 @@ def bucket_length(n: int, minimum: int = 16) -> int:
   return b
 
 
-def _pad_queue(seq: Sequence[int], q: int) -> np.ndarray:
-  out = np.zeros((q,), np.int32)
-  out[: len(seq)] = seq
-  return out
-
-
-def _initial_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, bf: BudgetForcing | None,
-                   cache_len: int, newline_mask: jax.Array) -> LoopState:
-  b = tokens.shape[0]
+def _prefill(model: Transformer, tokens, mask, cache_len: int):
+  """Left-padded prompts [B, P] -> (cache with the prompts at slots [0, P), next-token logits [B, V],
+  next position [B])."""
   positions = masks.positions_from_padding(mask)
-  cache = KVCache.init(model.cfg, b, cache_len)
+  cache = KVCache.init(model.cfg, tokens.shape[0], cache_len)
   hidden, cache = model.hidden_states(tokens, positions, mask.astype(jnp.int32), cache)
   logits = model.logits(hidden[:, -1:])[:, 0]
-  next_pos = jnp.sum(mask, axis=-1).astype(jnp.int32)
+  return cache, logits, jnp.sum(mask, axis=-1).astype(jnp.int32)
+
+
+def init_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, bf: BudgetForcing | None,
+               cache_len: int, newline_mask: jax.Array, num_rows: int | None = None) -> DecodeState:
+  """The one constructor: prefills `tokens` [B, P] once and repeats each prompt's rows `cfg.n`
+  times into B * n slots holding rows 0 .. B*n - 1; result buffers for `num_rows` rows (default B*n)."""
+  b = tokens.shape[0]
+  cache, logits, next_pos = _prefill(model, tokens, mask, cache_len)
   last_nl = newline_mask[tokens[:, -1]]  # prompts are left-padded: the last column is real
   if cfg.n > 1:  # share the prefill across the n samples of each prompt
     rep = functools.partial(jnp.repeat, repeats=cfg.n, total_repeat_length=b * cfg.n)
@@ -99,80 +203,29 @@ def _initial_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, b
                     segments=rep(cache.segments, axis=0), index=cache.index)
     logits, next_pos, last_nl = rep(logits, axis=0), rep(next_pos, axis=0), rep(last_nl, axis=0)
     b = b * cfg.n
-  m = cfg.max_new_tokens
+  num_rows = b if num_rows is None else num_rows
   w = max([1] + [len(s) for s in cfg.stop_sequences])
-  q = 1 if bf is None else max(1, len(bf.wait_ids), len(bf.newline_ids + bf.end_ids + bf.forced_suffix_ids))
   zeros = lambda dtype=jnp.int32: jnp.zeros((b,), dtype)
-  return LoopState(
-      step=jnp.zeros((), jnp.int32), rng=rng, cache=cache, logits=logits, position=next_pos,
-      tokens=jnp.full((b, m), cfg.pad_token_id, jnp.int32), logprobs=jnp.zeros((b, m), jnp.float32),
-      entropies=jnp.zeros((b, m), jnp.float32), injected=jnp.zeros((b, m), bool),
-      length=zeros(), done=zeros(bool), finish=zeros(), window=jnp.full((b, w), -1, jnp.int32),
-      phase=zeros() if bf is not None else jnp.ones((b,), jnp.int32),
-      think_gen=zeros(), think_total=zeros(), answer_tokens=zeros(), waits=zeros(), forced=zeros(bool),
-      last_nl=last_nl, queue=jnp.zeros((b, q), jnp.int32), queue_len=zeros(), queue_pos=zeros())
+  return DecodeState(
+      step=jnp.zeros((), jnp.int32), rng=rng, cache=cache, logits=logits, position=next_pos, length=zeros(),
+      done=zeros(bool), finish=zeros(), window=jnp.full((b, w), -1, jnp.int32),
+      row=jnp.arange(b, dtype=jnp.int32), row_offset=jnp.zeros((), jnp.int32), budget=budget_lib.init(b, bf, last_nl),
+      out=Outputs.init(num_rows, cfg.max_new_tokens, cfg.pad_token_id), stats=RowStats.init(num_rows))
 
 
-def _step(model: Transformer, s: LoopState, cfg: SamplingConfig, bf: BudgetForcing | None,
-          newline_mask: jax.Array) -> LoopState:
-  b = s.length.shape[0]
-  rows = jnp.arange(b)
-  rng, sub = jax.random.split(s.rng)
-  proposal, logp = strategies.choose(s.logits, sub, cfg)
-  active = ~s.done
+def _write(out: Outputs, rows, length, token, logp, injected) -> Outputs:
+  """Writes this step's token (and its log-prob, entropy, injected flag) at [row, length]
+  (rows out of range, i.e. inactive slots, write nothing)."""
+  idx = jnp.minimum(length, out.tokens.shape[1] - 1)
+  put = lambda buf, val: buf.at[rows, idx].set(val, mode="drop")
+  slots = jnp.arange(token.shape[0])
+  return Outputs(tokens=put(out.tokens, token), logprobs=put(out.logprobs, logp[slots, token]),
+                 entropies=put(out.entropies, strategies.entropy(logp)), injected=put(out.injected, injected))
 
-  queued = active & (s.queue_pos < s.queue_len)
-  queued_tok = jnp.take_along_axis(s.queue, jnp.minimum(s.queue_pos, s.queue.shape[1] - 1)[:, None], axis=1)[:, 0]
-  token = jnp.where(queued, queued_tok, proposal)
-  injected = queued
-  queue, queue_len = s.queue, s.queue_len
-  queue_pos = jnp.where(queued, s.queue_pos + 1, s.queue_pos)
-  phase, waits, forced, think_gen, think_total = s.phase, s.waits, s.forced, s.think_gen, s.think_total
 
-  if bf is not None:
-    qn = s.queue.shape[1]
-    forced_seq = jnp.asarray(_pad_queue(bf.end_ids + bf.forced_suffix_ids, qn))
-    forced_nl_seq = jnp.asarray(_pad_queue(bf.newline_ids + bf.end_ids + bf.forced_suffix_ids, qn))
-    wait_seq = jnp.asarray(_pad_queue(bf.wait_ids, qn))
-    thinking = active & (phase == 0) & ~queued
-    if bf.max_thinking_tokens is not None:
-      budget_hit = thinking & (think_gen >= bf.max_thinking_tokens)
-    else:
-      budget_hit = jnp.zeros_like(thinking)
-    trigger = thinking & ~budget_hit & (proposal == bf.trigger_id)
-    want_wait = trigger & ((waits < bf.num_waits) | (think_gen < bf.min_thinking_tokens))
-    natural_end = trigger & ~want_wait
-    add_nl = ~s.last_nl & (len(bf.newline_ids) > 0)
-    new_queue = jnp.where(budget_hit[:, None], jnp.where(add_nl[:, None], forced_nl_seq, forced_seq), wait_seq)
-    new_len = jnp.where(budget_hit,
-                        jnp.where(add_nl, len(bf.newline_ids), 0) + len(bf.end_ids) + len(bf.forced_suffix_ids),
-                        len(bf.wait_ids))
-    start = budget_hit | want_wait
-    token = jnp.where(start, new_queue[:, 0], token)
-    injected = injected | start
-    queue = jnp.where(start[:, None], new_queue, queue)
-    queue_len = jnp.where(start, new_len, queue_len)
-    queue_pos = jnp.where(start, 1, queue_pos)
-    waits = waits + want_wait
-    forced = forced | budget_hit
-    think_gen = think_gen + (thinking & ~budget_hit & ~trigger)
-    think_total = think_total + (active & (phase == 0) & ~budget_hit & ~natural_end)
-    answer_now = active & (phase == 1) & ~injected
-    phase = jnp.where(budget_hit | natural_end, 1, phase)
-  else:
-    answer_now = active & ~injected
-  answer_tokens = s.answer_tokens + answer_now
-
-  idx = jnp.minimum(s.length, cfg.max_new_tokens - 1)
-  write = lambda buf, val: buf.at[rows, idx].set(jnp.where(active, val, buf[rows, idx]))
-  tokens = write(s.tokens, token)
-  logprobs = write(s.logprobs, logp[rows, token])
-  entropies = write(s.entropies, strategies.entropy(logp))
-  injected_buf = write(s.injected, injected)
-  length = s.length + active
-  window = jnp.where(active[:, None], jnp.concatenate([s.window[:, 1:], token[:, None]], axis=1), s.window)
-
-  model_token = active & ~injected
+def _stop(token, window, model_token, length, answer_tokens, phase, active, cfg: SamplingConfig,
+          bf: BudgetForcing | None):
+  """[B] Finish code for rows that end at this step (RUNNING for the others)."""
   stop = jnp.zeros_like(active)
   if cfg.stop_token_ids:
     stop = stop | (model_token & jnp.isin(token, jnp.asarray(cfg.stop_token_ids)))
@@ -183,23 +236,55 @@ def _step(model: Transformer, s: LoopState, cfg: SamplingConfig, bf: BudgetForci
   if bf is not None and bf.max_answer_tokens is not None:
     answer_cap = active & ~stop & (answer_tokens >= bf.max_answer_tokens) & (phase == 1)
   length_cap = active & ~stop & (length >= cfg.max_new_tokens)
-  finish = jnp.where(stop, 1, jnp.where(answer_cap, 3, jnp.where(length_cap, 2, s.finish)))
-  done = s.done | stop | answer_cap | length_cap
-  last_nl = jnp.where(active, newline_mask[token], s.last_nl)
+  return jnp.where(stop, Finish.STOP, jnp.where(answer_cap, Finish.ANSWER_LENGTH,
+                                                jnp.where(length_cap, Finish.LENGTH, Finish.RUNNING)))
 
-  logits, cache = model(token[:, None], s.position[:, None], active[:, None].astype(jnp.int32), cache=s.cache)
-  return LoopState(
-      step=s.step + 1, rng=rng, cache=cache, logits=logits[:, 0], position=s.position + active,
-      tokens=tokens, logprobs=logprobs, entropies=entropies, injected=injected_buf, length=length,
-      done=done, finish=finish, window=window, phase=phase, think_gen=think_gen,
-      think_total=think_total, answer_tokens=answer_tokens, waits=waits, forced=forced,
-      last_nl=last_nl, queue=queue, queue_len=queue_len, queue_pos=queue_pos)
+
+def _step(model: Transformer, s: DecodeState, cfg: SamplingConfig, bf: BudgetForcing | None,
+          newline_mask: jax.Array, prompt_len: int | None = None) -> DecodeState:
+  """choose -> force -> write -> stop -> forward, for every slot.
+
+  `prompt_len` None: the dense layout (all rows write the cache at one shared index). Else
+  continuous batching: a slot's row writes at prompt_len + its length (free slots write nothing).
+  """
+  active = ~s.done
+  n_rows = s.stats.length.shape[0]
+  rows = jnp.where(active, s.row, n_rows)
+  keys = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(s.rng, r), t))(s.row + s.row_offset, s.length)
+  proposal, logp = strategies.choose_rows(s.logits, keys, cfg)
+  f = budget_lib.force(s.budget, proposal, active, bf)
+  token = f.token
+
+  out = _write(s.out, rows, s.length, token, logp, f.injected)
+  length = s.length + active
+  window = jnp.where(active[:, None], jnp.concatenate([s.window[:, 1:], token[:, None]], axis=1), s.window)
+  bud = dataclasses.replace(f.state, last_nl=jnp.where(active, newline_mask[token], f.state.last_nl))
+
+  ended = _stop(token, window, active & ~f.injected, length, bud.answer_tokens, bud.phase, active, cfg, bf)
+  finish = jnp.where(ended != Finish.RUNNING, ended, s.finish)
+  done = s.done | (ended != Finish.RUNNING)
+  put = lambda buf, val: buf.at[rows].set(val, mode="drop")
+  stats = RowStats(length=put(s.stats.length, length), finish=put(s.stats.finish, finish),
+                   think_total=put(s.stats.think_total, bud.think_total),
+                   answer_tokens=put(s.stats.answer_tokens, bud.answer_tokens), waits=put(s.stats.waits, bud.waits),
+                   forced=put(s.stats.forced, bud.forced))
+
+  cache = s.cache
+  if prompt_len is not None:
+    cache = dataclasses.replace(cache, index=jnp.where(active, prompt_len + s.length, cache.k.shape[2]))
+  logits, cache = model(token[:, None], s.position[:, None], active[:, None].astype(jnp.int32), cache=cache)
+  return DecodeState(step=s.step + 1, rng=s.rng, cache=cache, logits=logits[:, 0], position=s.position + active,
+                     length=length, done=done, finish=finish, window=window, row=s.row, row_offset=s.row_offset,
+                     budget=bud, out=out,
+                     stats=stats)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "cache_len"))
-def _generate(state, tokens, mask, rng, newline_mask, *, graphdef, cfg, bf, cache_len) -> LoopState:
+def _generate(state, tokens, mask, rng, newline_mask, row_offset, *, graphdef, cfg, bf, cache_len) -> DecodeState:
+  """The dense sampler: every prompt in its own slots, decoded until the longest row ends."""
   model = nnx.merge(graphdef, state)
-  s = _initial_state(model, tokens, mask, rng, cfg, bf, cache_len, newline_mask)
+  s = init_state(model, tokens, mask, rng, cfg, bf, cache_len, newline_mask)
+  s = dataclasses.replace(s, row_offset=row_offset)
 
   def cond(s):
     return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
@@ -208,6 +293,78 @@ def _generate(state, tokens, mask, rng, newline_mask, *, graphdef, cfg, bf, cach
     return _step(model, s, cfg, bf, newline_mask)
 
   return jax.lax.while_loop(cond, body, s)
+
+
+def _fill_buffer(model: Transformer, tokens, mask, prompt) -> PromptBuffer:
+  """Prefills prompt `prompt` (a traced index into tokens [Np, P]) alone."""
+  p = tokens.shape[1]
+  one = lambda a: jax.lax.dynamic_slice_in_dim(a, prompt, 1, axis=0)
+  cache, logits, next_pos = _prefill(model, one(tokens), one(mask), p)
+  return PromptBuffer(k=cache.k, v=cache.v, positions=cache.positions, segments=cache.segments, logits=logits,
+                      next_pos=next_pos, prompt=prompt)
+
+
+def _insert(model: Transformer, e: EngineState, tokens, mask, cfg: SamplingConfig, bf: BudgetForcing | None,
+            newline_mask: jax.Array) -> EngineState:
+  """Puts the next pending row into the first free slot (prefilling its prompt unless buffered)."""
+  s, r = e.decode, e.next_row
+  prompt = r // cfg.n
+  buf = jax.lax.cond(prompt != e.buffer.prompt, lambda: _fill_buffer(model, tokens, mask, prompt),
+                     lambda: e.buffer)
+  slot = jnp.argmax(s.done).astype(jnp.int32)
+  c = s.cache
+  pad = jnp.zeros((1, c.positions.shape[1] - buf.positions.shape[1]), jnp.int32)
+  put5 = lambda a, b: jax.lax.dynamic_update_slice(a, b.astype(a.dtype), (0, slot, 0, 0, 0))
+  put2 = lambda a, b: jax.lax.dynamic_update_slice(a, jnp.concatenate([b, pad], axis=1), (slot, 0))
+  cache = KVCache(k=put5(c.k, buf.k), v=put5(c.v, buf.v), positions=put2(c.positions, buf.positions),
+                  segments=put2(c.segments, buf.segments), index=c.index)
+  last_nl = newline_mask[tokens[prompt, -1]][None]
+  fresh = budget_lib.init(1, bf, last_nl)
+  at = lambda a, val: a.at[slot].set(val)
+  s = dataclasses.replace(
+      s, cache=cache, logits=at(s.logits, buf.logits[0]), position=at(s.position, buf.next_pos[0]),
+      length=at(s.length, 0), done=at(s.done, False), finish=at(s.finish, Finish.RUNNING),
+      window=at(s.window, -1), row=at(s.row, r),
+      budget=jax.tree.map(lambda a, f: a.at[slot].set(f[0]), s.budget, fresh))
+  return EngineState(decode=s, next_row=r + 1, buffer=buf, inserted=e.inserted + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "cache_len", "slots"))
+def _generate_continuous(state, tokens, mask, rng, newline_mask, row_offset, *, graphdef, cfg, bf, cache_len,
+                         slots) -> EngineState:
+  """Continuous batching: `slots` decode slots over the queue of all prompts' n samples.
+
+  The first slots // n prompts are prefilled together; whenever slots are free at the top of an
+  iteration, pending rows are inserted (a prompt is prefilled once, into `PromptBuffer`, and
+  copied into a slot for each of its samples), all inside the one jitted while loop.
+  """
+  model = nnx.merge(graphdef, state)
+  num_prompts, p = tokens.shape
+  num_rows = num_prompts * cfg.n
+  first = slots // cfg.n
+  s = init_state(model, tokens[:first], mask[:first], rng, cfg, bf, cache_len, newline_mask, num_rows=num_rows)
+  s = dataclasses.replace(s, cache=dataclasses.replace(s.cache, index=jnp.full((slots,), p, jnp.int32)),
+                          row_offset=row_offset)
+  c = model.cfg
+  kv = (c.num_layers, 1, p, c.num_kv_heads, c.resolved_head_dim)
+  empty = PromptBuffer(k=jnp.zeros(kv, s.cache.k.dtype), v=jnp.zeros(kv, s.cache.v.dtype),
+                       positions=jnp.zeros((1, p), jnp.int32), segments=jnp.zeros((1, p), jnp.int32),
+                       logits=jnp.zeros((1, s.logits.shape[1]), s.logits.dtype), next_pos=jnp.zeros((1,), jnp.int32),
+                       prompt=jnp.asarray(-1, jnp.int32))
+  e = EngineState(decode=s, next_row=jnp.asarray(slots, jnp.int32), buffer=empty, inserted=jnp.zeros((), jnp.int32))
+
+  def refill(e):
+    can = lambda e: jnp.any(e.decode.done) & (e.next_row < num_rows)
+    return jax.lax.while_loop(can, lambda e: _insert(model, e, tokens, mask, cfg, bf, newline_mask), e)
+
+  def cond(e):
+    return ~jnp.all(e.decode.done) | (e.next_row < num_rows)
+
+  def body(e):
+    e = refill(e)
+    return dataclasses.replace(e, decode=_step(model, e.decode, cfg, bf, newline_mask, prompt_len=p))
+
+  return jax.lax.while_loop(cond, body, e)
 
 
 def newline_mask_for(tokenizer, vocab_size: int) -> np.ndarray:
@@ -226,19 +383,18 @@ def _cast_state(state, dtype):
   return jax.tree.map(cast, state)
 
 
-_RESULT_FIELDS = ("tokens", "logprobs", "entropies", "injected", "length", "finish", "think_total", "answer_tokens",
-                  "waits", "forced")
-
-
-def _fetch(s: LoopState) -> types.SimpleNamespace:
+def _fetch(s: DecodeState) -> types.SimpleNamespace:
   """The result fields on the host (not the KV cache); gathered from every process on multi-host meshes."""
-  out = {f: getattr(s, f) for f in _RESULT_FIELDS}
+  out = dict(tokens=s.out.tokens, logprobs=s.out.logprobs, entropies=s.out.entropies, injected=s.out.injected,
+             length=s.stats.length, finish=s.stats.finish, think_total=s.stats.think_total,
+             answer_tokens=s.stats.answer_tokens, waits=s.stats.waits, forced=s.stats.forced)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     out = multihost_utils.process_allgather(out, tiled=True)
   else:
     out = jax.device_get(out)
-  return types.SimpleNamespace(**out)
+  out["steps"] = s.step.addressable_data(0)  # replicated scalar
+  return types.SimpleNamespace(**{k: np.asarray(v) for k, v in out.items()})
 
 
 class Sampler:
@@ -249,7 +405,12 @@ class Sampler:
   memory traffic); with fp32 compute it uses the model's arrays as they are, without a copy.
   """
 
-  def __init__(self, model: Transformer, newline_mask: np.ndarray | None = None):
+  engine = "continuous"
+  slots: int | None = None
+
+  def __init__(self, model: Transformer, newline_mask: np.ndarray | None = None, *, engine: str = "continuous",
+               slots: int | None = None):
+    self.engine, self.slots = engine, slots
     self.graphdef, state = nnx.split(model)
     self.cfg = model.cfg
     self.state = _cast_state(state, model.cfg.dtype)
@@ -273,7 +434,22 @@ class Sampler:
     self.state = _cast_state(state, self.cfg.dtype)
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
-               budget: BudgetForcing | None = None, seed: int | jax.Array = 0) -> SamplingOutput:
+               budget: BudgetForcing | None = None, seed: int | jax.Array = 0, *,
+               engine: str | None = None, slots: int | None = None) -> SamplingOutput:
+    """Samples `cfg.n` completions per prompt (token ids); results in prompt order. Row r's
+    tokens depend only on (seed, r, the weights), not on the engine or the slot it ran in."""
+    return self.generate_padded(prompts, cfg, budget, seed, engine=engine, slots=slots).to_output()
+
+  def generate_padded(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+                      budget: BudgetForcing | None = None, seed: int | jax.Array = 0, *,
+                      engine: str | None = None, slots: int | None = None, row_offset: int = 0) -> SampleBatch:
+    """`generate` with the results as padded arrays plus lengths, and the engine's metrics.
+
+    engine: "continuous" (default, `self.engine`) or "dense"; slots: decode slots for continuous
+    batching (default `self.slots`, else DEFAULT_SLOTS; rounded to a multiple of n); row_offset:
+    these prompts' first row in a larger batch (rows draw their random numbers as they would there;
+    `jaxreason.sampling.distributed` uses it).
+    """
     if not prompts:
       raise ValueError("generate: no prompts given")
     lengths = [len(p) for p in prompts]
@@ -286,22 +462,38 @@ class Sampler:
       tokens[i, p - len(ids):] = ids
       mask[i, p - len(ids):] = 1
     rng = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
-    s = _generate(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask,
-                  graphdef=self.graphdef, cfg=cfg, bf=budget, cache_len=p + cfg.max_new_tokens)
-    s = _fetch(s)
+    engine = engine or self.engine
     n = len(prompts) * cfg.n
-    lens = np.asarray(s.length)
-    finish = [FINISH_REASONS[int(f)] for f in np.asarray(s.finish)]
-    return SamplingOutput(
-        tokens=[np.asarray(s.tokens[i, :lens[i]]).tolist() for i in range(n)],
-        logprobs=[np.asarray(s.logprobs[i, :lens[i]]) for i in range(n)],
-        entropies=[np.asarray(s.entropies[i, :lens[i]]) for i in range(n)],
-        injected=[np.asarray(s.injected[i, :lens[i]]) for i in range(n)],
-        finish_reason=finish,
-        thinking_tokens=np.asarray(s.think_total) if budget is not None else np.zeros((n,), np.int32),
-        answer_tokens=np.asarray(s.answer_tokens),
-        waits=np.asarray(s.waits),
-        forced_end=np.asarray(s.forced),
-        truncated=np.asarray([f in ("length", "answer_length") for f in finish]),
-        prompt_index=np.repeat(np.arange(len(prompts)), cfg.n),
-    )
+    offset = jnp.asarray(row_offset, jnp.int32)
+    t0 = time.perf_counter()
+    if engine == "dense":
+      slots = n
+      s = _generate(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask, offset,
+                    graphdef=self.graphdef, cfg=cfg, bf=budget, cache_len=p + cfg.max_new_tokens)
+      inserted = 0
+    elif engine == "continuous":
+      slots = self.num_slots(len(prompts), cfg.n, slots)
+      e = _generate_continuous(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask, offset,
+                               graphdef=self.graphdef, cfg=cfg, bf=budget, cache_len=p + cfg.max_new_tokens,
+                               slots=slots)
+      s, inserted = e.decode, int(np.asarray(e.inserted.addressable_data(0)))  # replicated scalar
+    else:
+      raise ValueError(f"generate: engine must be 'continuous' or 'dense', got {engine!r}")
+    s = _fetch(s)
+    seconds = time.perf_counter() - t0
+    useful, steps = int(s.length.sum()), int(s.steps)
+    metrics = dict(engine=engine, slots=slots, decode_steps=steps, tokens=useful, seconds=seconds,
+                   tokens_per_s=useful / max(seconds, 1e-9), inserted=inserted,
+                   slot_occupancy=useful / max(steps * slots, 1), padding_waste=1 - useful / max(steps * slots, 1),
+                   longest=int(s.length.max()))
+    return SampleBatch(
+        tokens=s.tokens, logprobs=s.logprobs, entropies=s.entropies, injected=s.injected, length=s.length,
+        finish=s.finish, thinking_tokens=s.think_total if budget is not None else np.zeros((n,), np.int32),
+        answer_tokens=s.answer_tokens, waits=s.waits, forced_end=s.forced,
+        prompt_index=np.repeat(np.arange(len(prompts)), cfg.n), metrics=metrics)
+
+  def num_slots(self, num_prompts: int, n: int, slots: int | None = None) -> int:
+    """Decode slots for continuous batching: `slots` (default `self.slots`), a multiple of n, at
+    most every row (a batch that fits runs in one wave, as the dense sampler would)."""
+    want = slots or self.slots or DEFAULT_SLOTS
+    return max(n, min(want, num_prompts * n) // n * n)

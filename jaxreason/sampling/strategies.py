@@ -50,3 +50,13 @@ def choose(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig):
 def entropy(logp: jax.Array) -> jax.Array:
   """[B, V] log-probs -> [B] entropy in nats."""
   return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def choose_rows(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig):
+  """`choose` with one key per row (keys [B]): a row's draw does not depend on the other rows."""
+  logp = scaled_log_probs(logits, cfg.temperature)
+  if cfg.temperature == 0:
+    token = jnp.argmax(logp, axis=-1)
+  else:
+    token = jax.vmap(lambda k, lp: jax.random.categorical(k, lp))(keys, filter_logits(logp, cfg))
+  return token.astype(jnp.int32), logp
