@@ -1,12 +1,21 @@
 """The jitted sampler: prefill + `lax.while_loop` decode over a preallocated KV cache.
 
 Weights enter the compiled function as arguments (an `nnx.State`), never as constants, so one
-compilation serves every weight update (GRPO). The loop state is an explicit pytree. Prompts are
-left-padded to a bucketed length (powers of two), so a new prompt length rarely recompiles.
-`n` samples per prompt share one prefill: the prompt's cache rows are repeated after prefill.
-Budget forcing (SPEC §3, see `BudgetForcing`) is per-row state inside the same loop.
-"""
+compilation serves every weight update (GRPO). The loop state is an explicit pytree
+(`DecodeState`, with budget forcing's `BudgetState` inside). Prompts are left-padded to a bucketed
+length (powers of two), so a new prompt length rarely recompiles. One decode step reads
+choose -> force (`budget.force`, SPEC §3) -> write -> stop -> forward.
 
+Two engines behind `Sampler.generate`:
+- "continuous" (default): S decode slots over the queue of all prompts' n samples. The first S/n
+  prompts are prefilled together; whenever rows finish, pending rows go into the free slots inside
+  the same while loop (a prompt is prefilled once into `PromptBuffer` and copied into a slot for
+  each of its samples; each slot writes the cache at its own index). No recompilation, no host
+  round trip per token; results by sample row, in prompt order.
+- "dense": every sample in its own row, decoded until the longest row ends (the earlier sampler).
+Row r's token t draws from fold_in(fold_in(key(seed), r), t), so both engines, any slot count and
+any split across processes (`distributed.generate_share`) give the same samples.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -129,8 +138,9 @@ class SamplingOutput:
   forced_end: np.ndarray
   truncated: np.ndarray  # ended by a length limit instead of a stop token/sequence
   prompt_index: np.ndarray
-  padded: "SampleBatch | None" = None
-  metrics: dict = dataclasses.field(default_factory=dict)
+  # Not dataclass fields (callers build and concatenate SamplingOutputs field by field):
+  padded = None   # SampleBatch | None: set by `SampleBatch.to_output`
+  metrics = None  # dict | None: the engine's counters, likewise
 
 
 @dataclasses.dataclass
@@ -164,12 +174,13 @@ class SampleBatch:
     """Today's list-per-sample interface (`Sampler.generate`'s return value)."""
     lens = self.length
     cut = lambda a: [a[i, :lens[i]] for i in range(len(lens))]
-    return SamplingOutput(
+    out = SamplingOutput(
         tokens=[t.tolist() for t in cut(self.tokens)], logprobs=cut(self.logprobs), entropies=cut(self.entropies),
         injected=cut(self.injected), finish_reason=[FINISH_REASONS[int(f)] for f in self.finish],
         thinking_tokens=self.thinking_tokens, answer_tokens=self.answer_tokens, waits=self.waits,
-        forced_end=self.forced_end, truncated=self.truncated, prompt_index=self.prompt_index, padded=self,
-        metrics=self.metrics)
+        forced_end=self.forced_end, truncated=self.truncated, prompt_index=self.prompt_index)
+    out.padded, out.metrics = self, self.metrics
+    return out
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -209,7 +220,8 @@ def init_state(model: Transformer, tokens, mask, rng, cfg: SamplingConfig, bf: B
   return DecodeState(
       step=jnp.zeros((), jnp.int32), rng=rng, cache=cache, logits=logits, position=next_pos, length=zeros(),
       done=zeros(bool), finish=zeros(), window=jnp.full((b, w), -1, jnp.int32),
-      row=jnp.arange(b, dtype=jnp.int32), row_offset=jnp.zeros((), jnp.int32), budget=budget_lib.init(b, bf, last_nl),
+      row=jnp.arange(b, dtype=jnp.int32), row_offset=jnp.zeros((), jnp.int32),
+      budget=budget_lib.init(b, bf, last_nl),
       out=Outputs.init(num_rows, cfg.max_new_tokens, cfg.pad_token_id), stats=RowStats.init(num_rows))
 
 
