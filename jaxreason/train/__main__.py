@@ -55,4 +55,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from jaxreason.errors import cli_main
+  sys.exit(cli_main(main))  # known errors: one line; a traceback with --debug or JAXREASON_DEBUG=1
