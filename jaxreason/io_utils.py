@@ -5,7 +5,7 @@ over the target (POSIX rename is atomic on one file system). `atomic_dir(path)` 
 temporary directory to fill and then puts it in place of `path` as a whole (the old one, if any,
 is removed after the swap). `append_jsonl` appends one row per call with a single write, and
 `repair_jsonl` drops a half-written last line and rows past a step (used on resume).
-Temporary names end in `.tmp.<pid>` so concurrent writers (other hosts, other runs) never share one.
+Temporary names end in `.tmp.<host>.<pid>` so concurrent writers (other hosts, other runs) never share one.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import socket
 from typing import Any
 
 __all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atomic_dir", "json_safe",
@@ -23,7 +24,7 @@ __all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atom
 
 def _tmp_name(path: str) -> str:
   d, name = os.path.split(os.path.abspath(path))
-  return os.path.join(d, f".{name}.tmp.{os.getpid()}")
+  return os.path.join(d, f".{name}.tmp.{socket.gethostname()}.{os.getpid()}")
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
