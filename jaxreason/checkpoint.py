@@ -101,6 +101,9 @@ def find_tokenizer_dir(path: str) -> str | None:
 
 def tokenizer_dir_for(model_path: str) -> str:
   """Where the tokenizer of a model lives: a checkpoint run's `tokenizer/`, or the HF dir itself."""
+  if not os.path.exists(model_path):
+    raise FileNotFoundError(f"{model_path}: no such model directory (expected a HuggingFace model directory "
+                            "or an Orbax run / checkpoints / step directory)")
   if not is_checkpoint(model_path):
     return model_path
   tok_dir = find_tokenizer_dir(model_path)
