@@ -11,6 +11,14 @@ decoder's plus a `score_head`): `load_model` refuses them, `jaxreason.train.rewa
 loads them. Restoring builds abstract arrays with the target mesh's shardings, so a checkpoint
 saved on 8 devices restores on 1 (and the reverse). Saves are atomic: Orbax writes to a temporary
 directory and renames it when complete, so an interrupted save leaves the previous step intact.
+
+Integrity: each step also holds an `integrity` JSON item (Orbax keeps no checksums of its own):
+per saved array tree, for every leaf, a 32-bit checksum (the sum of the values' bit patterns
+modulo 2^32; any single flipped bit changes it) and its count of non-finite values. `load_model`
+and the trainer's restore recompute both; a mismatch, non-finite parameters, or a step that
+cannot be read (truncated files) raise `CheckpointError` naming the step, so export and eval
+refuse such weights and the trainer falls back to an earlier step. Steps saved before this item
+existed are checked for finite parameters only.
 """
 
 from __future__ import annotations
@@ -19,11 +27,14 @@ import dataclasses
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
 from jaxreason import sharding
+from jaxreason.errors import CheckpointError
 from jaxreason.models.build import abstract_model
 from jaxreason.models.config import ModelConfig, RopeScaling
 from jaxreason.models.transformer import Transformer
@@ -91,6 +102,9 @@ def find_tokenizer_dir(path: str) -> str | None:
 
 def tokenizer_dir_for(model_path: str) -> str:
   """Where the tokenizer of a model lives: a checkpoint run's `tokenizer/`, or the HF dir itself."""
+  if not os.path.exists(model_path):
+    raise FileNotFoundError(f"{model_path}: no such model directory (expected a HuggingFace model directory "
+                            "or an Orbax run / checkpoints / step directory)")
   if not is_checkpoint(model_path):
     return model_path
   tok_dir = find_tokenizer_dir(model_path)
@@ -100,21 +114,81 @@ def tokenizer_dir_for(model_path: str) -> str:
   return tok_dir
 
 
+INTEGRITY_ITEM = "integrity"
+
+
+def _leaf_sums(x):
+  """(checksum uint32, non-finite count int32) of one array, computed on its devices."""
+  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+  if bits is None or x.dtype == jnp.bool_:
+    as_int = x.astype(jnp.uint32)
+  else:
+    as_int = jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
+  checksum = jnp.sum(as_int, dtype=jnp.uint32)
+  bad = jnp.sum(~jnp.isfinite(x)).astype(jnp.int32) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.int32(0)
+  return checksum, bad
+
+
+_tree_sums = jax.jit(lambda tree: (jax.tree.map(lambda x: _leaf_sums(x)[0], tree),
+                                    jax.tree.map(lambda x: _leaf_sums(x)[1], tree)))
+
+
+def fingerprint(tree) -> dict[str, list[int]]:
+  """{leaf path: [checksum, non-finite count]} of an array tree (one small device-to-host copy)."""
+  sums, bad = jax.device_get(_tree_sums(tree))
+  flat = jax.tree_util.tree_flatten_with_path(sums)[0]
+  return {jax.tree_util.keystr(path): [int(c), int(b)] for (path, c), b in zip(flat, jax.tree.leaves(bad))}
+
+
+def check_integrity(where: str, trees: dict, saved: dict | None) -> None:
+  """Raises CheckpointError when a restored tree has non-finite parameters or differs from the
+  checksums `saved` with it (`saved` None: a step from before checksums, finite check only)."""
+  for name, tree in trees.items():
+    got = fingerprint(tree)
+    want = (saved or {}).get(name)
+    if want is not None:
+      if set(want) != set(got):
+        raise CheckpointError(f"{where}: item {name!r} does not have the saved structure; the step is corrupt")
+      for path, (c, _) in got.items():
+        if want[path][0] != c:
+          raise CheckpointError(f"{where}: {name}{path} does not match its saved checksum; the step is corrupt")
+    if name == "params":
+      bad = {p: b for p, (_, b) in got.items() if b}
+      if bad:
+        first = next(iter(bad))
+        raise CheckpointError(f"{where}: parameters are not finite ({sum(bad.values())} NaN/inf values, "
+                              f"first in {first}); refusing to use these weights")
+
+
 def save_model(model: Transformer, directory: str, step: int) -> None:
   """Saves `model` as `directory/<step>` (synchronously; the trainer uses its own async manager)."""
+  params = nnx.to_pure_dict(nnx.state(model))
   with ocp.CheckpointManager(os.path.abspath(directory),
                              options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False)) as mngr:
     mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
-        model_config=ocp.args.JsonSave(config_to_json(model.cfg))))
+        params=ocp.args.StandardSave(params),
+        model_config=ocp.args.JsonSave(config_to_json(model.cfg)),
+        **{INTEGRITY_ITEM: ocp.args.JsonSave({"params": fingerprint(params)})}))
     mngr.wait_until_finished()
+
+
+def read_json_item(directory: str, step: int, item: str) -> dict | None:
+  """A JSON item of a step, or None when the step does not have it."""
+  if not os.path.isdir(os.path.join(directory, str(step), item)):
+    return None
+  with ocp.CheckpointManager(directory) as mngr:
+    return dict(mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item])
 
 
 def load_model_config(path: str) -> ModelConfig:
   """The ModelConfig stored with a checkpoint (step, checkpoints or run directory)."""
   directory, step = resolve_checkpoint(path)
-  with ocp.CheckpointManager(directory) as mngr:
-    meta = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+  try:
+    with ocp.CheckpointManager(directory) as mngr:
+      meta = mngr.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{os.path.join(directory, str(step))}: cannot read the model config "
+                          f"({short_error(e)})") from e
   return config_from_json(meta.model_config)
 
 
@@ -132,11 +206,27 @@ def load_model(path: str, *, mesh: Mesh | None = None, rules: sharding.Rules = s
                      "jaxreason.train.reward_model.load_scorer, or use it as the reward 'reward_model:PATH'.")
   stored = load_model_config(path)
   cfg = stored.replace(**overrides)
-  with ocp.CheckpointManager(directory) as mngr:
-    graphdef, target = abstract_params(cfg.replace(scan_layers=stored.scan_layers), mesh, rules)
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+  where = os.path.join(directory, str(step))
+  # Restored in the layout it was saved in (integrity is checked on the saved leaf paths), then converted.
+  graphdef, target = abstract_params(cfg.replace(scan_layers=stored.scan_layers), mesh, rules)
+  try:
+    with ocp.CheckpointManager(directory) as mngr:
+      restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    saved = read_json_item(directory, step, INTEGRITY_ITEM)
+  except Exception as e:  # TensorStore / Orbax errors of a truncated or damaged step
+    raise CheckpointError(f"{where}: the checkpoint cannot be read ({short_error(e)}); "
+                          "it is truncated or damaged") from e
+  check_integrity(where, {"params": restored.params}, saved)
   from jaxreason.models.layout import with_scan_layers
   return with_scan_layers(nnx.merge(graphdef, restored.params), cfg.scan_layers)
+
+
+def short_error(e: BaseException) -> str:
+  """The first line of a (TensorStore / Orbax) error, without its multi-line details."""
+  text = str(e).strip()
+  line = text.splitlines()[0] if text else type(e).__name__
+  line = line.split(" See full TensorStore details")[0].rstrip(". ")
+  return line if len(line) < 300 else line[:300] + " ..."
 
 
 def abstract_params(cfg: ModelConfig, mesh: Mesh | None = None,

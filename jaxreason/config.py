@@ -190,9 +190,12 @@ class LoopConfig:
   max_steps: int | None = None  # optimizer steps; null: from data.num_epochs
   loss_normalization: str = "token"  # token: mean over all target tokens; sequence: per sequence, then mean
   log_every: int = 10  # steps between metric logs
+  nan_policy: str = "stop"  # non-finite loss/grad norm: the update is skipped; stop: exit after nan_max_consecutive in a row; skip: never stop
+  nan_max_consecutive: int = 3  # consecutive non-finite steps that stop the run (nan_policy: stop)
 
   def __post_init__(self):
-    _positive(self, "global_batch_size", "log_every")
+    _positive(self, "global_batch_size", "log_every", "nan_max_consecutive")
+    _choice(self, "nan_policy", ("stop", "skip"))
     _positive(self, "micro_batch_size", "max_steps", optional=True)
     if self.micro_batch_size is not None:
       _require(self.global_batch_size % self.micro_batch_size == 0, "micro_batch_size",
@@ -371,6 +374,7 @@ class TrainConfig:
   seed: int = 0  # parameter init, data order and sampling
   algorithm: str = "sft"  # sft | pretrain | dpo | grpo | reward_model | expert_iteration
   init_from: str | None = None  # HF model dir or Orbax run/checkpoint dir; null: from scratch
+  allow_config_change: bool = False  # resume even if architecture, data or batch size changed (CLI --allow-config-change)
   tokenizer: str | None = None  # tokenizer dir or "builtin:char"; null: init_from's
   # Architecture (from scratch) and execution. With init_from, only EXECUTION_FIELDS may be set.
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)

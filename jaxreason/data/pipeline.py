@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -90,17 +89,8 @@ class Source:
 def _located_rows(path: str) -> list[tuple[str, Any]]:
   """(where, row) for every row; jsonl keeps line numbers and turns bad JSON into a bad row."""
   if os.path.isfile(path) and os.path.splitext(path)[1].lower() in (".jsonl", ".ndjson"):
-    out: list[tuple[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        try:
-          row: Any = json.loads(line)
-        except json.JSONDecodeError as e:
-          row = DataError(f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object")
-        out.append((f"{path} line {lineno}", row))
-    return out
+    from jaxreason.data.sources import jsonl_lines  # bad UTF-8 or JSON: a bad row (issue 16)
+    return [(f"{path} line {lineno}", row) for lineno, row in jsonl_lines(path)]
   rows = read_rows(path)
   unit = "item" if path.lower().endswith(".json") else "row"
   start = 0 if unit == "item" else 1

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-__all__ = ["DataError", "read_rows", "iter_rows", "eval_examples", "FORMATS"]
+__all__ = ["DataError", "read_rows", "iter_rows", "eval_examples", "jsonl_lines", "FORMATS"]
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 _QUESTION_KEYS = ("question", "problem", "prompt")
@@ -67,24 +67,44 @@ def _check_object(row: Any, where: str) -> dict:
   return row
 
 
-def _iter_jsonl(path: str) -> Iterator[dict]:
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+def jsonl_lines(path: str) -> Iterator[tuple[int, Any]]:
+  """(line number, parsed row) per non-blank line; a line that is not UTF-8 or not JSON gives a
+  DataError in place of the row (without the file name), so callers can skip it or raise it."""
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield lineno, DataError(f"not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column {e.start + 1}); "
+                                "re-encode the file as UTF-8")
+        continue
       if not line.strip():
         continue
-      where = f"{path} line {lineno}"
       try:
-        row = json.loads(line)
+        yield lineno, json.loads(line)
       except json.JSONDecodeError as e:
         hint = ("; this looks like a JSON list: name the file .json" if lineno == 1 and line.lstrip().startswith("[")
                 else "; each line must be one complete JSON object")
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}){hint}") from e
-      yield _check_object(row, where)
+        yield lineno, DataError(f"not valid JSON ({e.msg} at column {e.colno}){hint}")
+
+
+def _iter_jsonl(path: str) -> Iterator[dict]:
+  for lineno, row in jsonl_lines(path):
+    where = f"{path} line {lineno}"
+    if isinstance(row, DataError):
+      raise DataError(f"{where}: {row}")
+    yield _check_object(row, where)
 
 
 def _read_json(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise DataError(f"{path} line {line}: not valid UTF-8 (byte {data[e.start:e.start + 1]!r}); "
+                    "re-encode the file as UTF-8") from None
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:

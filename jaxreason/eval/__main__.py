@@ -74,6 +74,7 @@ def resolve(args: argparse.Namespace) -> "EvalConfig":
   missing = [k for k in ("model", "data", "out") if not settings.get(k)]
   if missing:
     raise SystemExit("missing required settings: " + ", ".join("--" + m for m in missing))
+  _validate(settings)
   try:
     if "budgets" in settings:
       settings["budgets"] = parse_budgets(settings["budgets"]) if not isinstance(settings["budgets"], (list, tuple)) \
@@ -85,6 +86,63 @@ def resolve(args: argparse.Namespace) -> "EvalConfig":
     raise SystemExit(f"bad settings: {e}")
 
 
+_POSITIVE = ("n", "batch_size", "max_new_tokens", "max_answer_tokens")
+_NON_NEGATIVE = ("limit", "num_waits", "min_thinking_tokens", "top_k", "seed")
+
+
+def _validate(settings: dict) -> None:
+  """One-line errors for settings that would otherwise fail deep inside the evaluation."""
+  import os
+
+  def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+  def as_int(k):
+    v = settings[k]
+    if isinstance(v, bool) or not isinstance(v, int):
+      try:
+        v = int(str(v))
+      except ValueError:
+        fail(f"--{k.replace('_', '-')} must be an integer, got {settings[k]!r}")
+      settings[k] = v
+    return v
+
+  model = str(settings["model"])
+  if not os.path.exists(model):
+    fail(f"--model {model}: no such directory (a HuggingFace model directory, or an Orbax run / "
+         "checkpoints / step directory)")
+  data = str(settings["data"])
+  if not data.startswith(("task:", "tfds:")) and not os.path.exists(data):
+    fail(f"--data {data}: no such file or directory (a .jsonl/.json/.parquet file, a datasets directory, "
+         "or task:NAME)")
+  if settings.get("tokenizer") and not os.path.isdir(str(settings["tokenizer"])):
+    fail(f"--tokenizer {settings['tokenizer']}: no such directory")
+  for k in _POSITIVE:
+    if settings.get(k) is not None and as_int(k) < 1:
+      fail(f"--{k.replace('_', '-')} must be a positive integer, got {settings[k]}")
+  for k in _NON_NEGATIVE:
+    if settings.get(k) is not None and as_int(k) < 0:
+      fail(f"--{k.replace('_', '-')} must be >= 0, got {settings[k]}")
+  for k, lo, hi in (("temperature", 0.0, None), ("top_p", 0.0, 1.0)):
+    if settings.get(k) is None:
+      continue
+    try:
+      v = float(settings[k])
+    except (TypeError, ValueError):
+      fail(f"--{k.replace('_', '-')} must be a number, got {settings[k]!r}")
+    if v < lo or (hi is not None and v > hi) or (k == "top_p" and v == 0.0):
+      fail(f"--{k.replace('_', '-')} must be " + ("in (0, 1]" if k == "top_p" else ">= 0") + f", got {v}")
+  ks = settings.get("ks")
+  if isinstance(ks, str):
+    try:
+      ks = tuple(int(k) for k in ks.split(","))
+    except ValueError:
+      fail(f"--ks must be comma-separated positive integers, got {settings['ks']!r}")
+    settings["ks"] = ks
+  if ks is not None and any(int(k) < 1 for k in ks):
+    fail(f"--ks must be positive integers, got {ks}")
+
+
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   cfg = resolve(args)
@@ -92,10 +150,12 @@ def main(argv: list[str] | None = None) -> int:
   try:
     run_eval(cfg)
   except (FileNotFoundError, ValueError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    from jaxreason.errors import exit_code, one_line
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    return exit_code(e)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from jaxreason.errors import cli_main
+  sys.exit(cli_main(main))  # known errors: one line; a traceback with --debug or JAXREASON_DEBUG=1

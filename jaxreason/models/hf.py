@@ -126,8 +126,11 @@ def load_hf_config(model_dir: str, **overrides) -> ModelConfig:
   path = os.path.join(model_dir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{model_dir}: no config.json; is this a HuggingFace model directory?")
-  with open(path) as f:
-    hf = json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      hf = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f"{path}: not valid JSON ({e}); the file is corrupt") from None
   try:
     return ModelConfig.from_hf(hf, **overrides)
   except (KeyError, ValueError) as e:

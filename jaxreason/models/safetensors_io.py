@@ -38,13 +38,20 @@ class SafetensorsFile:
       if len(raw) != 8:
         raise ValueError(f"{path}: not a safetensors file (too short)")
       (n,) = struct.unpack("<Q", raw)
+      size = os.fstat(f.fileno()).st_size
+      if 8 + n > size:
+        raise ValueError(f"{path}: truncated safetensors file (the header needs {n} bytes, the file has "
+                         f"{size - 8}); the file is incomplete: copy or export it again")
       try:
         header = json.loads(f.read(n))
       except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+      raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     self.metadata = header.pop("__metadata__", {}) or {}
     self.header = header
     self._offset = 8 + n
+    self._size = size
     self._mmap = None
 
   def keys(self) -> list[str]:
@@ -61,6 +68,13 @@ class SafetensorsFile:
     if self._mmap is None:
       self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
     start, end = info["data_offsets"]
+    if self._offset + end > self._size:
+      raise ValueError(f"{self.path}: tensor {name!r} is truncated (its data ends at byte {self._offset + end}, "
+                       f"the file has {self._size}); the file is incomplete: copy or export it again")
+    expected = int(np.prod(info["shape"], dtype=np.int64)) * _DTYPES[dtype_name].itemsize
+    if end - start != expected:
+      raise ValueError(f"{self.path}: tensor {name!r} has {end - start} bytes of data, its shape "
+                       f"{info['shape']} and dtype {dtype_name} need {expected}; the file is corrupt")
     buf = self._mmap[self._offset + start:self._offset + end]
     return buf.view(_DTYPES[dtype_name]).reshape(info["shape"])
 
@@ -117,8 +131,12 @@ def iter_checkpoint_files(model_dir: str) -> Iterator[str]:
   index = os.path.join(model_dir, "model.safetensors.index.json")
   single = os.path.join(model_dir, "model.safetensors")
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+      raise ValueError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e}); "
+                       "the file is corrupt: copy or export the model again") from None
     for name in sorted(set(weight_map.values())):
       yield os.path.join(model_dir, name)
   elif os.path.exists(single):

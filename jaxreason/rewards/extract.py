@@ -28,11 +28,20 @@ _ANSWER_COLON = re.compile(r"(?i)Answer\s*:\s*(.*)")
 # A number: optional minus (not after a word character or closing bracket, so "3-4" gives 4),
 # digits with proper thousands groups (1,234,567) or plain digits, optional decimals. A lone
 # trailing period ("is 72.") is not part of the number. The leading lookahead lets the regex engine
-# skip non-number characters quickly (5x faster on megabyte inputs).
+# skip non-number characters quickly (5x faster on megabyte inputs). `_number_spans` runs it only
+# where it is linear (see there).
 _NUMBER = re.compile(
   r"(?=[-.\d])(?:(?:(?<![\w)\]}])-)?(?<![\d.])(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?"
   r"|(?:(?<![\w)\]}])-)?(?<![\d.])\.\d+)"
 )
+# `_NUMBER` rescans a run of thousands groups from every group in it when the run ends badly
+# ("1" + ",000" * N + ","): quadratic. Such runs (4+ groups) are scanned by `_scan_chain` instead.
+_RISKY = re.compile(r"(?:,\d{3}){4}")
+_CHAIN_CHARS = re.compile(r"[-.,\d]*")  # no number spans a character outside this class
+_CANDIDATE = re.compile(r"-?\.?\d")  # where a number can start
+_DIGITS = re.compile(r"\d+")
+_GROUPS = re.compile(r"(?:,\d{3})+")
+_DECIMALS = re.compile(r"\.\d+")
 _BRACE_TOKEN = re.compile(r"\\.|[{}]", re.S)  # an escaped character, or a brace
 _GSM8K_MARK = "####"
 _UNICODE_MINUS = "\u2212"
@@ -115,22 +124,103 @@ def _normalize_number(num: str) -> str:
   return num.replace(",", "")
 
 
+def _scan_chain(text: str, a: int, b: int):
+  r"""The spans `_NUMBER.finditer` gives in text[a:b], a maximal run of `[-.,\d]`, in linear time.
+
+  Same rules as the regex: a thousands-grouped number needs a first run of 1-3 digits, one or more
+  `,ddd` groups, and no digit or comma after the last group; otherwise the digit run alone is the
+  number. The end of a run of groups is computed once and shared by every group in it.
+  """
+  seq = (0, -1)  # (start, end) of the last run of `,ddd` groups matched
+  pos = a
+  while True:
+    cand = _CANDIDATE.search(text, pos, b)
+    if cand is None:
+      return
+    p = cand.start()
+    prev = text[p - 1] if p > 0 else ""
+    if text[p] == "-":
+      ok = not prev or not (prev.isalnum() or prev == "_" or prev in ")]}")
+      q = p + 1  # preceded by "-", so the digit lookbehind holds
+    else:
+      ok = not (prev == "." or prev.isdecimal())
+      q = p
+    end = None
+    if ok:
+      m = _DIGITS.match(text, q, b)
+      if m is not None:
+        r = end = m.end()
+        if r - q <= 3 and r < b and text[r] == ",":
+          if not seq[0] <= r < seq[1]:
+            g = _GROUPS.match(text, r, b)
+            seq = (r, g.end()) if g else (r, r)
+          e = seq[1]
+          if e > r and not (e < len(text) and (text[e] == "," or text[e].isdecimal())):
+            end = e
+          elif e > r:  # a run of groups that ends badly: each group's digits are a number
+            yield p, r
+            for s in range(r + 1, e - 3, 4):
+              yield s, s + 3
+            pos = e - 3  # the last group's digits may run on or carry decimals: scanned as usual
+            continue
+        d = _DECIMALS.match(text, end, b)
+        if d is not None:
+          end = d.end()
+      else:
+        d = _DECIMALS.match(text, q, b)
+        end = d.end() if d is not None else None
+    if end is None:
+      pos = p + 1
+    else:
+      yield p, end
+      pos = end
+
+
+def _number_spans(text: str):
+  """(start, end) of each number `_NUMBER` finds, left to right, in time linear in len(text)."""
+  pos, n, rev = 0, len(text), None
+  while pos < n:
+    hit = _RISKY.search(text, pos)
+    if hit is None:
+      for m in _NUMBER.finditer(text, pos):
+        yield m.span()
+      return
+    if rev is None:
+      rev = text[::-1]
+    a = n - _CHAIN_CHARS.match(rev, n - hit.start()).end()  # back to the start of the chain
+    b = _CHAIN_CHARS.match(text, hit.end()).end()
+    for m in _NUMBER.finditer(text, pos, a):  # text[a - 1] ends every number before the chain
+      yield m.span()
+    yield from _scan_chain(text, a, b)
+    pos = b
+
+
+def _first_number(text: str) -> str | None:
+  for s, e in _number_spans(text):
+    return _normalize_number(text[s:e])
+  return None
+
+
 def last_number(text: str) -> str | None:
   """The last number in the text (GSM8K), commas removed: "a total of $1,234." -> "1234"."""
   text = text.replace(_UNICODE_MINUS, "-")
   last = None
-  for m in _NUMBER.finditer(text):
-    last = m
-  return _normalize_number(last.group(0)) if last else None
+  if _RISKY.search(text) is None:  # the common case, at the regex engine's speed
+    for m in _NUMBER.finditer(text):
+      last = m
+    return _normalize_number(last.group(0)) if last else None
+  for span in _number_spans(text):
+    last = span
+  return _normalize_number(text[last[0]:last[1]]) if last else None
 
 
 def gsm8k_answer(text: str) -> str | None:
   """The number after the last `####` (GSM8K reference format), else the last number."""
   idx = text.rfind(_GSM8K_MARK)
   if idx >= 0:
-    m = _NUMBER.search(text[idx + len(_GSM8K_MARK):].replace(_UNICODE_MINUS, "-"))
-    if m:
-      return _normalize_number(m.group(0))
+    num = _first_number(text[idx + len(_GSM8K_MARK):].replace(_UNICODE_MINUS, "-"))
+    if num is not None:
+      return num
   return last_number(text)
 
 

@@ -14,6 +14,8 @@ r"""Math answer equivalence (SPEC §4): cheap checks in the caller, HuggingFace 
    hard limit: the worker arms its own timer at 80% of it and answers False; if it has not answered
    at the limit (C code such as a huge integer power ignores signals), it is killed, replaced, and
    the item is False. Workers also run under a memory limit (RLIMIT_AS, +4 GiB by default).
+   The whole call has a deadline too, waiting for a free worker included (`call_timeout`): a
+   caller queued behind other threads' grading cannot stall; items not graded by then are False.
 
 Model output is untrusted: nothing here evaluates it, and any failure (parse error, timeout,
 crashed worker) is reported as "not equal", never raised into the caller.
@@ -262,6 +264,9 @@ class Grader:
     num_workers: worker processes (default: `JAXREASON_GRADER_WORKERS` or min(4, CPU count)).
     timeout: default per-item limit in seconds, from the moment the item reaches a worker.
     memory_limit_mb: address space each worker may add after start-up (RLIMIT_AS; None: no limit).
+    call_timeout: the longest one `grade_many` call may take in seconds, queueing for a worker
+      and start-up included (None: `_STARTUP_TIMEOUT` + 2 x timeout x ceil(items / workers)).
+      Items not graded by then count as wrong, with a warning.
     context: multiprocessing start method, "spawn" or "forkserver" (never "fork": the caller may
       run JAX threads). As with any spawned process, a calling script needs an
       `if __name__ == "__main__":` guard.
@@ -271,7 +276,8 @@ class Grader:
   """
 
   def __init__(self, num_workers: int | None = None, timeout: float = DEFAULT_TIMEOUT,
-               memory_limit_mb: int | None = 4096, context: str = "spawn"):
+               memory_limit_mb: int | None = 4096, context: str = "spawn",
+               call_timeout: float | None = None):
     if context not in ("spawn", "forkserver"):
       raise ValueError(f"Grader context must be 'spawn' or 'forkserver', got {context!r}")
     if num_workers is None:
@@ -281,6 +287,7 @@ class Grader:
     self.num_workers = num_workers
     self.timeout = float(timeout)
     self.memory_limit_mb = memory_limit_mb
+    self.call_timeout = None if call_timeout is None else float(call_timeout)
     self.restarts = 0  # workers killed (time limit) or found dead, for logging
     self._ctx = mp.get_context(context)
     self._pid = os.getpid()
@@ -299,13 +306,15 @@ class Grader:
     return self.grade_many([(pred, gold)], timeout=timeout)[0]
 
   def grade_many(self, items: Iterable[tuple[Any, Any]], timeout: float | None = None,
-                 full_response: bool = False) -> list[bool]:
+                 full_response: bool = False, call_timeout: float | None = None) -> list[bool]:
     """Grades (pred, gold) pairs in parallel; each item False on any failure or after `timeout` s.
 
     With `full_response=True`, `pred` is a whole model response and math-verify extracts the
     answer itself (SimpleRL-Zoo / verl); otherwise `pred` is an already extracted answer.
-    Never raises for bad input.
+    The call returns within `call_timeout` seconds (default: the pool's, see the class), queueing
+    for a worker included. Never raises for bad input.
     """
+    start = time.monotonic()
     items = list(items)
     limit = self.timeout if timeout is None else float(timeout)
     results = [False] * len(items)
@@ -321,8 +330,13 @@ class Grader:
       else:
         todo.append((i, payload + (full_response, limit * _SOFT_FRACTION)))
     if todo:
+      if call_timeout is None:
+        call_timeout = self.call_timeout
+      if call_timeout is None:
+        rounds = -(-len(todo) // self.num_workers)
+        call_timeout = _STARTUP_TIMEOUT + 2 * limit * rounds
       try:
-        self._run(todo, results, limit)
+        self._run(todo, results, limit, start + float(call_timeout))
       except Exception:
         logger.exception("math grading failed; %d item(s) counted as wrong", len(todo))
     return results
@@ -390,12 +404,15 @@ class Grader:
     self.restarts += 1
     return self._spawn()
 
-  def _acquire(self, k: int) -> list[_Worker]:
+  def _acquire(self, k: int, deadline: float) -> list[_Worker]:
     with self._cond:
       while not self._idle:
         if self._closed:
           raise RuntimeError("Grader is closed")
-        self._cond.wait(1.0)
+        left = deadline - time.monotonic()
+        if left <= 0:
+          return []
+        self._cond.wait(min(1.0, left))
       taken, self._idle = self._idle[:k], self._idle[k:]
       return taken
 
@@ -410,17 +427,21 @@ class Grader:
       self._idle.extend(workers)
       self._cond.notify_all()
 
-  def _run(self, todo: collections.deque, results: list[bool], limit: float) -> None:
+  def _run(self, todo: collections.deque, results: list[bool], limit: float, call_deadline: float) -> None:
     if self._closed:
       raise RuntimeError("Grader is closed")
     if os.getpid() != self._pid:
       raise RuntimeError("Grader used in a forked child; create one per process (default_grader() does)")
-    held = self._acquire(len(todo))
+    held = self._acquire(len(todo), call_deadline)
     busy: dict[int, tuple[int, float]] = {}  # id(worker) -> (item index, hard deadline)
     startup_failures = 0
     try:
       while todo or busy:
         now = time.monotonic()
+        if now >= call_deadline:  # queueing, start-up and work together took too long
+          logger.warning("math grading: call deadline passed; %d item(s) counted as wrong",
+                         len(todo) + len(busy))
+          break
         for w in held:
           if todo and w.ready and id(w) not in busy:
             i, payload = todo.popleft()
@@ -438,7 +459,8 @@ class Grader:
             break
         waiting = [w for w in held if id(w) in busy or not w.ready]
         deadlines = [busy[id(w)][1] if id(w) in busy else w.started + _STARTUP_TIMEOUT for w in waiting]
-        ready = set(_wait_conns([w.conn for w in waiting], timeout=max(0.0, min(deadlines) - now)))
+        ready = set(_wait_conns([w.conn for w in waiting],
+                                timeout=max(0.0, min(min(deadlines), call_deadline) - now)))
         for k, w in enumerate(list(held)):
           if w.conn not in ready:
             continue

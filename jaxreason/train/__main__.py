@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set optimizer.lr=3e-4 (repeatable)")
   p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+  p.add_argument("--allow-config-change", action="store_true",
+                 help="resume even though the architecture, data or batch size changed (inexact)")
+  p.add_argument("--debug", action="store_true", help="show Python tracebacks (also JAXREASON_DEBUG=1)")
   args = p.parse_args(argv)
+  if args.allow_config_change:
+    args.overrides.append("allow_config_change=true")
 
   from jaxreason.config import ConfigError, dump_yaml, load_config
   try:
@@ -49,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
   except Preempted:
     return 143
   except (DataError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    from jaxreason.errors import exit_code, one_line
+    print(f"error: {one_line(e)}", file=sys.stderr)
+    return exit_code(e)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from jaxreason.errors import cli_main
+  sys.exit(cli_main(main))  # known errors: one line; a traceback with --debug or JAXREASON_DEBUG=1

@@ -65,8 +65,11 @@ def run_expert_iteration(cfg) -> dict[str, Any]:
   step = int(meta["step"])
 
   batch_sharding = row_shardings(rs.mesh, {k: 3 for k in ("inputs", "targets", "weights", "positions", "segments")})
-  step_fn = jit_step(make_sft_step(rs.graphdef, tx, schedule, normalization=cfg.train.loss_normalization),
+  from jaxreason.train import nan_guard
+  step_fn = jit_step(nan_guard.guard_step(make_sft_step(rs.graphdef, tx, schedule,  # issue 16
+                                                        normalization=cfg.train.loss_normalization)),
                      shardings, batch_sharding)
+  nans = nan_guard.NanGuard.from_config(cfg)
   roller = RolloutSampler(rs.graphdef, rs.abs_state, rs.model_cfg, rs.mesh, tok, rc)
   rewards = Rewards({ec.reward: 1.0} if ec.reward else {}, rc.format)
   verifier = ec.reward or rewards.verifier_name
@@ -122,6 +125,7 @@ def run_expert_iteration(cfg) -> dict[str, Any]:
           with sharding.use_mesh(rs.mesh, rs.rules):
             state, m = step_fn(state, batch)
           losses.append(m["loss"])
+          nans.observe(step + 1, m)
           step += 1
           done += 1
           if guard.requested:
@@ -129,6 +133,7 @@ def run_expert_iteration(cfg) -> dict[str, Any]:
             ckpt.wait()
             logger.message(f"SIGTERM: saved step {step} (round {r + 1}) to {ckpt.directory}; exiting")
             raise Preempted(step)
+        nans.check()  # issue 16: before the round's save
         info.update(sft_steps=done, sft_loss=float(np.mean(jax.device_get(losses))) if losses else float("nan"),
                     step=step, lr=float(schedule(step)))
         logger.advance()

@@ -314,8 +314,10 @@ def run_grpo(cfg) -> dict[str, Any]:
   ranks = {k: 3 for k in ("inputs", "targets", "positions", "segments", "mask", "old_logp")}
   ranks.update(adv=2, valid=2, **({"ref_logp": 3} if gc.beta > 0 else {}))
   batch_sharding = row_shardings(rs.mesh, ranks)
-  step_fn = jit_step(make_grpo_step(rs.graphdef, tx, schedule, gc, temperature=rc.temperature,
-                                    max_completion_length=rc.max_new_tokens), shardings, batch_sharding)
+  from jaxreason.train import nan_guard
+  step_fn = jit_step(nan_guard.guard_step(make_grpo_step(rs.graphdef, tx, schedule, gc, temperature=rc.temperature,  # issue 16
+                                                         max_completion_length=rc.max_new_tokens)), shardings, batch_sharding)
+  nans = nan_guard.NanGuard.from_config(cfg)
   roller = RolloutSampler(rs.graphdef, rs.abs_state, rs.model_cfg, rs.mesh, tok, rc)
   rewards = Rewards(gc.rewards, rc.format)
 
@@ -331,6 +333,7 @@ def run_grpo(cfg) -> dict[str, Any]:
   proc, nproc = jax.process_index(), jax.process_count()
 
   def save(step: int, force: bool = False):
+    nans.check()  # issue 16
     meta = {"step": step, "stream_position": stream.position, "seed": cfg.seed, "total_steps": total_steps}
     ckpt.save(step, state, rs.model_cfg, meta, force=force)
 
@@ -359,7 +362,9 @@ def run_grpo(cfg) -> dict[str, Any]:
             with sharding.use_mesh(rs.mesh, rs.rules):
               state, m = step_fn(state, batch)
             update_metrics.append(m)
+            nans.observe(step + 1, m)  # issue 16
         update_metrics = jax.device_get(update_metrics)
+        nans.check()
         t2 = time.perf_counter()
         step += 1
         logger.advance()

@@ -135,15 +135,16 @@ class RunSetup:
 
 def setup_run(cfg) -> RunSetup:
   """Writes config.yaml and tokenizer/ to the run dir; resolves the model config and the mesh."""
-  from jaxreason.config import dump_yaml
+  from jaxreason.io_utils import atomic_dir
+  from jaxreason.train import config_history, run_lock
   is_main = jax.process_index() == 0
   os.makedirs(cfg.output_dir, exist_ok=True)
-  if is_main:
-    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-      f.write(dump_yaml(cfg))
+  run_lock.acquire(cfg.output_dir, jax.process_index())  # issue 16: one run per output_dir
+  config_history.record(cfg, is_main)  # issue 16: config.yaml + config.<step>.yaml; refuses inexact resumes
   tokenizer = resolve_tokenizer(cfg)
   if is_main and not os.path.isdir(os.path.join(cfg.output_dir, "tokenizer")):
-    tokenizer.save_pretrained(os.path.join(cfg.output_dir, "tokenizer"))
+    with atomic_dir(os.path.join(cfg.output_dir, "tokenizer")) as tmp:
+      tokenizer.save_pretrained(tmp)
   model_cfg = resolve_model_config(cfg, tokenizer)
   mesh = sharding.make_mesh(cfg.mesh)
   graphdef, abs_state = nnx.split(abstract_model(model_cfg))
@@ -279,8 +280,11 @@ def run_sft(cfg) -> dict[str, Any]:
   gbs, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size or cfg.train.global_batch_size
   accum = gbs // micro
   batch_sharding = NamedSharding(rs.mesh, PartitionSpec(None, ("data", "fsdp"), None))
-  step_fn = jit_step(make_sft_step(rs.graphdef, tx, schedule, normalization=cfg.train.loss_normalization),
+  from jaxreason.train import nan_guard
+  step_fn = jit_step(nan_guard.guard_step(make_sft_step(rs.graphdef, tx, schedule,  # issue 16: NaN guard
+                                                        normalization=cfg.train.loss_normalization)),
                      shardings, batch_sharding)
+  nans = nan_guard.NanGuard.from_config(cfg)
 
   logger = make_logger(rs, total_steps, start)
   heldout_eval = None
@@ -300,6 +304,7 @@ def run_sft(cfg) -> dict[str, Any]:
   peak_total = peak if jax.default_backend() == "cpu" else peak * jax.device_count()
 
   def save(step: int, force: bool = False):
+    nans.check()  # issue 16: stop (exit 3) before saving after too many non-finite steps
     meta = {"step": step, "data_state": data_iter.get_state(), "seed": cfg.seed, "total_steps": total_steps}
     ckpt.save(step, state, rs.model_cfg, meta, force=force)
 
@@ -315,9 +320,11 @@ def run_sft(cfg) -> dict[str, Any]:
         with sharding.use_mesh(rs.mesh, rs.rules):
           state, metrics = step_fn(state, batch)
         step += 1
+        nans.observe(step, metrics)
         logger.advance()
         if step % cfg.train.log_every == 0 or step == total_steps:
           metrics = jax.device_get(metrics)
+          nans.check()
           elapsed = time.perf_counter() - window_start
           steps_in_window = step - window_step
           tps = window_tokens / max(elapsed, 1e-9)
@@ -374,10 +381,8 @@ def held_out(cfg) -> str:
       seen.update(str(r.get("question")) for r in read_rows(s.path))
   rows = [r for r in load_task(e.data[len("task:"):]) if str(r["question"]) not in seen]
   path = os.path.join(cfg.output_dir, "data", "eval.jsonl")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
+  from jaxreason.io_utils import atomic_write_text
+  atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
   return path
 
 

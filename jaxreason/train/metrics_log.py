@@ -1,12 +1,19 @@
-"""Training logs: console/progress bar, metrics.jsonl, TensorBoard, and W&B when configured."""
+"""Training logs: console/progress bar, metrics.jsonl, TensorBoard, and W&B when configured.
+
+`metrics.jsonl` survives faults: every line is valid JSON (NaN and infinities are written as the
+strings "nan", "inf", "-inf"; `float(value)` reads them back), each row is one write, and on
+start the file is repaired: a half-written last line (a crash or a full disk) is dropped, and so
+are rows past the step the run resumes from (they are logged again, not duplicated).
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from typing import Any
+
+from jaxreason.io_utils import append_jsonl, repair_jsonl
 
 
 class MetricsLogger:
@@ -19,6 +26,7 @@ class MetricsLogger:
     self.tb = self.wandb = self.bar = None
     if not is_main:
       return
+    dropped = repair_jsonl(self.path, max_step=start_step)
     self.file = open(self.path, "a")
     if tensorboard:
       from tensorboardX import SummaryWriter
@@ -32,13 +40,15 @@ class MetricsLogger:
     if progress_bar:
       from tqdm import tqdm
       self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    if dropped:
+      self.message(f"metrics.jsonl: dropped {dropped} line(s) after step {start_step} or half-written "
+                   "(a resumed run logs those steps again)")
 
   def log(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.is_main:
       return
     row = {"step": step, **{k: (float(v) if v is not None else None) for k, v in metrics.items()}}
-    self.file.write(json.dumps(row) + "\n")
-    self.file.flush()
+    append_jsonl(self.file, row)
     if self.tb is not None:
       for k, v in row.items():
         if k != "step" and v is not None and math.isfinite(v):

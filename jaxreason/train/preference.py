@@ -96,7 +96,11 @@ def _train(rs: RunSetup, data: PreferenceBatches, state, meta, step_fn, ckpt, to
                    + (f"; resumed at step {start}" if start else ""))
     logger.message("data: " + ", ".join(f"{k}={v}" for k, v in data.stats.items() if isinstance(v, int)))
 
+  from jaxreason.train import nan_guard
+  nans = nan_guard.NanGuard.from_config(cfg)  # issue 16
+
   def save(step: int, force: bool = False):
+    nans.check()
     meta = {"step": step, "data_state": data_iter.get_state(), "seed": cfg.seed, "total_steps": total_steps}
     ckpt.save(step, state, rs.model_cfg, meta, force=force, extra=extra_items)
 
@@ -112,9 +116,11 @@ def _train(rs: RunSetup, data: PreferenceBatches, state, meta, step_fn, ckpt, to
         with sharding.use_mesh(rs.mesh, rs.rules):
           state, metrics = step_fn(state, batch)
         step += 1
+        nans.observe(step, metrics)
         logger.advance()
         if step % cfg.train.log_every == 0 or step == total_steps:
           metrics = jax.device_get(metrics)  # waits for the step: the window's time includes it
+          nans.check()
           elapsed = time.perf_counter() - window_start
           last = {**{k: float(v) for k, v in metrics.items()},
                   "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
@@ -179,8 +185,9 @@ def run_dpo(cfg) -> dict[str, Any]:
   state, meta = restore_or_init(rs, tx, shardings, ckpt, params_fn=lambda: jax.tree.map(jnp.copy, ref_params))
 
   d = cfg.dpo
-  step_fn = pair_step.make_dpo_step(rs.graphdef, tx, schedule, beta=d.beta, loss_type=d.loss_type,
-                                    label_smoothing=d.label_smoothing, precompute_ref=d.precompute_ref)
+  from jaxreason.train.nan_guard import guard_step
+  step_fn = guard_step(pair_step.make_dpo_step(rs.graphdef, tx, schedule, beta=d.beta, loss_type=d.loss_type,  # issue 16
+                                               label_smoothing=d.label_smoothing, precompute_ref=d.precompute_ref))
   batch_sharding = _rows_sharding(rs.mesh)
   if d.precompute_ref:
     table = precompute_ref_logps(rs, data, ref_params, shardings.params,
@@ -240,7 +247,9 @@ def run_reward_model(cfg) -> dict[str, Any]:
     return {**initial_params(cfg, mc, rs.mesh), SCORE_HEAD: head}
 
   state, meta = restore_or_init(rs, tx, shardings, ckpt, params_fn=params_fn)
-  step_fn = pair_step.make_reward_model_step(rs.graphdef, tx, schedule, center_coef=cfg.reward_model.center_coef)
+  from jaxreason.train.nan_guard import guard_step
+  step_fn = guard_step(pair_step.make_reward_model_step(rs.graphdef, tx, schedule,  # issue 16
+                                                        center_coef=cfg.reward_model.center_coef))
   jitted = pair_step.jit_pair_step(step_fn, shardings, _rows_sharding(rs.mesh))
   marker = {REWARD_MODEL_ITEM: {"head": "linear on the last token's final hidden state", "seq_len": cfg.data.seq_len,
                                 "center_coef": cfg.reward_model.center_coef}}
