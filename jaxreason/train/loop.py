@@ -87,6 +87,11 @@ def materialize_task(spec: str, out_dir: str, name: str) -> str:
 
 def build_data(cfg, tokenizer):
   from jaxreason.data.pipeline import build_train_batches
+  if any(s.path.startswith("tokens:") for s in cfg.data.train):  # a pre-tokenised stream (data/token_stream.py)
+    from jaxreason.data.token_stream import build_token_batches
+    return build_token_batches(cfg.data.train, tokenizer, seq_len=cfg.data.seq_len, global_batch_size=cfg.train.global_batch_size,
+                               shuffle=cfg.data.shuffle, seed=cfg.seed, num_epochs=cfg.data.num_epochs,
+                               process_index=jax.process_index(), process_count=jax.process_count())
   sources = [(materialize_task(s.path, cfg.output_dir, f"train{i}") if s.path.startswith("task:") else s.path,
               s.format, s.weight) for i, s in enumerate(cfg.data.train)]
   if not sources:

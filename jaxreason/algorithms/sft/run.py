@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxreason import sharding
+from jaxreason.algorithms.sft.heldout import make_heldout_eval
 from jaxreason.algorithms.sft.loss import make_sft_step
 from jaxreason.train import metrics_log
 from jaxreason.train.loop import (StepOutput, build_data, fit, global_batch, make_checkpointer, make_logger, make_tx,
@@ -48,6 +49,9 @@ def run_sft(cfg) -> dict[str, Any]:
                      shardings, batch_sharding)
 
   logger = make_logger(rs, total_steps, start)
+  heldout_eval = None
+  if getattr(data, "eval_every", 0):  # token streams: held-out perplexity (heldout.py)
+    heldout_eval = make_heldout_eval(rs, data, batch_sharding)
   if rs.is_main:
     stats = {k: v for k, v in data.stats.items() if isinstance(v, (int, float))}
     logger.message(f"model: {rs.model_cfg.model_type}, {rs.model_cfg.num_params() / 1e6:.2f}M params; mesh "
@@ -60,19 +64,25 @@ def run_sft(cfg) -> dict[str, Any]:
   peak = metrics_log.peak_flops_per_device(rs.model_cfg.dtype)
   peak_total = peak if jax.default_backend() == "cpu" else peak * jax.device_count()
 
+  latest = {}
+
   def train_step(state, step: int) -> StepOutput:
     local = next(data_iter)
     tokens = float(np.count_nonzero(np.asarray(local["segments"]))) * jax.process_count()
     batch = global_batch(local, accum, gbs, batch_sharding)
     with sharding.use_mesh(rs.mesh, rs.rules):
       state, metrics = step_fn(state, batch)
+    latest["state"] = state
     return StepOutput(state, metrics, tokens=tokens)
 
   def save_meta(step: int) -> dict:
     return {"step": step, "data_state": data_iter.get_state(), "seed": cfg.seed, "total_steps": total_steps}
 
   def log_extra(step: int, row: dict) -> dict:
-    return {"mfu": row["tokens_per_sec"] * fpt / peak_total, "epoch": step / steps_per_epoch}
+    extra = {"mfu": row["tokens_per_sec"] * fpt / peak_total, "epoch": step / steps_per_epoch}
+    if heldout_eval is not None and (step % data.eval_every == 0 or step == total_steps):
+      extra.update(heldout_eval(latest["state"].params))  # at log steps only (eval_every: a multiple of log_every)
+    return extra
 
   try:
     _, step, last = fit(rs, state, start=start, total_steps=total_steps, train_step=train_step, save_meta=save_meta,
