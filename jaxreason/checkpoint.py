@@ -7,7 +7,7 @@ Layout (the trainer adds its own items next to these in each step):
 
 `resolve_checkpoint` accepts a step directory, a `checkpoints/` directory or a run directory
 (latest step). A reward model's steps also hold a `reward_model` JSON item (its params are the
-decoder's plus a `score_head`): `load_model` refuses them, `jaxreason.train.reward_model.load_scorer`
+decoder's plus a `score_head`): `load_model` refuses them, `jaxreason.algorithms.reward_model.loss.load_scorer`
 loads them. Restoring builds abstract arrays with the target mesh's shardings, so a checkpoint
 saved on 8 devices restores on 1 (and the reverse). Saves are atomic: Orbax writes to a temporary
 directory and renames it when complete, so an interrupted save leaves the previous step intact.
@@ -203,7 +203,7 @@ def load_model(path: str, *, mesh: Mesh | None = None, rules: sharding.Rules = s
   if is_reward_model(path):
     raise ValueError(f"{path}: this is a reward model checkpoint (a decoder with a score head), not a policy; "
                      "it cannot be sampled, evaluated or exported as a language model. Load it with "
-                     "jaxreason.train.reward_model.load_scorer, or use it as the reward 'reward_model:PATH'.")
+                     "jaxreason.algorithms.reward_model.loss.load_scorer, or use it as the reward 'reward_model:PATH'.")
   stored = load_model_config(path)
   cfg = stored.replace(**overrides)
   where = os.path.join(directory, str(step))

@@ -4,7 +4,9 @@
 over the target (POSIX rename is atomic on one file system). `atomic_dir(path)` yields a fresh
 temporary directory to fill and then puts it in place of `path` as a whole (the old one, if any,
 is removed after the swap). `append_jsonl` appends one row per call with a single write, and
-`repair_jsonl` drops a half-written last line and rows past a step (used on resume).
+`repair_jsonl` drops a half-written last line and rows past a step (used on resume). `write_jsonl`
+is the one whole-file JSONL writer (eval samples, rollout data, expert-iteration rounds, DPO
+self-pairs, materialised tasks), through `atomic_write(path, write)`.
 Temporary names end in `.tmp.<host>.<pid>` so concurrent writers (other hosts, other runs) never share one.
 """
 
@@ -16,9 +18,11 @@ import math
 import os
 import shutil
 import socket
+import tempfile
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atomic_dir", "json_safe",
+__all__ = ["atomic_write", "write_jsonl", "to_jsonable", "atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atomic_dir", "json_safe",
            "dumps_row", "append_jsonl", "repair_jsonl"]
 
 
@@ -130,3 +134,43 @@ def repair_jsonl(path: str, max_step: int | None = None, key: str = "step") -> i
   if dropped:
     atomic_write_bytes(path, b"".join(line + b"\n" for line in keep))
   return dropped
+
+
+def to_jsonable(obj: Any) -> Any:
+  """`json.dumps` default: numpy scalars -> Python numbers, arrays -> lists, sets/tuples -> lists."""
+  import numpy as np
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  if isinstance(obj, (set, frozenset, tuple)):
+    return list(obj)
+  raise TypeError(f"cannot write a {type(obj).__name__} as JSON: {obj!r:.80}")
+
+
+def atomic_write(path: str | os.PathLike, write) -> str:
+  """Calls `write(file)` on a temporary file next to `path`, then renames it over `path`."""
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> str:
+  """One JSON object per line (UTF-8, not ASCII-escaped), written atomically. Returns the path."""
+  def write(f):
+    for row in rows:
+      f.write(json.dumps(row, ensure_ascii=False, default=to_jsonable))
+      f.write("\n")
+  return atomic_write(path, write)

@@ -55,12 +55,16 @@ def test_splash_kernel_matches_einsum_in_interpret_mode():
 
 
 @pytest.mark.parametrize("backend", ["splash"])
-def test_model_forward_with_backend_matches_xla(backend):
+def test_model_forward_with_backend_matches_xla(backend, monkeypatch):
   cfg = ModelConfig(vocab_size=64, hidden_size=128, intermediate_size=128, num_layers=1, num_heads=2,
                     num_kv_heads=1, head_dim=128)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(1, 128)), jnp.int32)
   ref = init_model(cfg, seed=1)(tokens)
+  calls = []  # `attention()` falls back to xla silently: check that the kernel path was really taken
+  kernel = getattr(attn_ops, f"{backend}_attention")
+  monkeypatch.setattr(attn_ops, f"{backend}_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
   out = nnx.jit(lambda m, t: m(t))(init_model(cfg.replace(attention_backend=backend), seed=1), tokens)
+  assert calls, f"the {backend} path did not run"
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
 
 

@@ -5,6 +5,19 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxreason import checkpoint
+from jaxreason.algorithms.expert_iteration import run as ei_run
+from jaxreason.algorithms.registry import run
+from jaxreason.config import load_config
+from jaxreason.models.build import init_model
+from jaxreason.models.config import ModelConfig
+from jaxreason.train.loop import Preempted
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,3 +75,87 @@ def test_expert_iteration_keeps_only_verified(tmp_path):
     step += row["sft_steps"]
     assert row["step"] == step and row["sft_steps"] >= 1 and row["sft_loss"] > 0
   assert sorted(os.listdir(out / "checkpoints")) == sorted({str(int(logs[0]["step"])), str(int(logs[1]["step"]))})
+
+
+# ------------------------------------------------------------------- in-process: loss, checkpoints, resume
+TINY = ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, max_position_embeddings=128, eos_token_id=2, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_init(tmp_path_factory):
+  """A randomly initialised tiny policy: with the even-length verifier it has right and wrong answers."""
+  path = tmp_path_factory.mktemp("ei_init")
+  checkpoint.save_model(init_model(TINY, seed=0), str(path / "checkpoints"), 0)
+  return str(path)
+
+
+def _ei_cfg(out, init, *sets):
+  return load_config(None, [
+      f"output_dir={out}", "algorithm=expert_iteration", f"init_from={init}", "tokenizer=builtin:char",
+      'data.train=["task:addition:n=40,seed=4,min_digits=1,max_digits=2"]', "data.seq_len=64",
+      "rollout.format=raw", "rollout.num_generations=4", "rollout.max_new_tokens=8", "rollout.temperature=1.0",
+      "expert_iteration.questions_per_round=16", "expert_iteration.reward=test_expert_iteration:even_length",
+      "train.global_batch_size=8", "train.log_every=1", "optimizer.lr=3e-3", "schedule.warmup_steps=0",
+      "logging.progress_bar=false", "logging.tensorboard=false", *sets])
+
+
+def _sft_log(out):
+  return [json.loads(line) for line in open(os.path.join(out, "sft", "metrics.jsonl"))]
+
+
+def test_expert_iteration_sft_loss_falls_and_checkpoints_inside_a_round(tmp_path, tiny_init):
+  """Several epochs over one round's kept completions: the SFT loss falls; `train.log_every` and
+  `checkpoint.every_steps` are honoured inside the round (they were ignored there before)."""
+  cfg = _ei_cfg(tmp_path / "ei", tiny_init, "expert_iteration.rounds=1", "expert_iteration.epochs_per_round=6", "data.packing=false", "optimizer.lr=1e-2",
+                "checkpoint.every_steps=3")
+  out = run(cfg)
+  steps = _sft_log(cfg.output_dir)
+  n = out["final_step"]
+  assert [r["step"] for r in steps] == list(range(1, n + 1)) and n >= 6  # every step logged (log_every=1)
+  assert all(r["round"] == 1 for r in steps)
+  per_epoch = n // 6
+  first, last = np.mean([r["loss"] for r in steps[:per_epoch]]), np.mean([r["loss"] for r in steps[-per_epoch:]])
+  assert last < 0.8 * first, (first, last)
+  saved = sorted(int(d) for d in os.listdir(os.path.join(cfg.output_dir, "checkpoints")))
+  assert saved[-1] == n and any(s % 3 == 0 and s < n for s in saved), saved  # mid-round checkpoints too
+
+
+def _preempt_after(monkeypatch, steps):
+  """SIGTERM as seen by the loop: `guard.requested` turns true after `steps` SFT steps."""
+
+  class Guard(ei_run.PreemptionGuard):
+    checks = 0
+
+    @property
+    def requested(self):
+      Guard.checks += 1
+      return Guard.checks >= steps
+
+    @requested.setter
+    def requested(self, value):
+      pass
+
+  monkeypatch.setattr(ei_run, "PreemptionGuard", Guard)
+
+
+def test_expert_iteration_resumes_mid_round_exactly(tmp_path, tiny_init, monkeypatch):
+  """Interrupted inside round 2's SFT, then resumed: the same round logs and final weights as a
+  straight run (the round's kept rows are reread, the SFT data position restored)."""
+  sets = ("expert_iteration.rounds=2", "expert_iteration.epochs_per_round=2", "checkpoint.every_steps=1000")
+  straight = run(_ei_cfg(tmp_path / "a", tiny_init, *sets))
+  r1 = straight["rounds"][0]["sft_steps"]
+  assert straight["rounds"][1]["sft_steps"] >= 2
+  cfg = _ei_cfg(tmp_path / "b", tiny_init, *sets)
+  _preempt_after(monkeypatch, r1 + 1)  # one step into round 2
+  with pytest.raises(Preempted, match=str(r1 + 1)):
+    run(cfg)
+  monkeypatch.undo()
+  resumed = run(cfg)
+  assert resumed["final_step"] == straight["final_step"]
+  la = {r["step"]: r["loss"] for r in _sft_log(tmp_path / "a")}
+  lb = {r["step"]: r["loss"] for r in _sft_log(tmp_path / "b")}
+  assert lb == la
+  a, b = checkpoint.load_model(str(tmp_path / "a")), checkpoint.load_model(str(tmp_path / "b"))
+  for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -15,10 +15,12 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxreason.config import GRPOConfig
 from jaxreason.models.build import init_model
 from jaxreason.models.config import ModelConfig
 from jaxreason.ops.logprobs import token_logprobs
-from jaxreason.train import grpo_trainer
+from jaxreason.algorithms.grpo import loss as grpo_loss
+from jaxreason.algorithms.grpo import run as grpo_trainer
 from jaxreason.train.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,11 +30,9 @@ N, T, TEMP = 4, 10, 0.7
 EPS_LOW, EPS_HIGH, BETA = 0.2, 0.28, 0.05
 
 
-class G:  # a GRPOConfig stand-in with the fields the step reads
-  def __init__(self, **kw):
-    self.loss_type, self.importance_sampling_level = "grpo", "token"
-    self.eps_low, self.eps_high, self.beta, self.entropy_coef, self.num_iterations = EPS_LOW, EPS_HIGH, 0.0, 0.0, 1
-    self.__dict__.update(kw)
+def G(**kw) -> GRPOConfig:
+  """The real GRPOConfig (a field the step reads cannot be silently defaulted by a stand-in)."""
+  return GRPOConfig(**{"eps_low": EPS_LOW, "eps_high": EPS_HIGH, **kw})
 
 
 def _rows(seed=0):
@@ -58,7 +58,7 @@ def _logp(params, rows, graphdef):
 
 
 def np_loss(logp, old, ref, adv, mask, loss_type, level, beta, max_len):
-  """SPEC §5, token by token, float64 (independent of jaxreason.train.grpo)."""
+  """SPEC §5, token by token, float64 (independent of jaxreason.algorithms.grpo)."""
   b, t = logp.shape
   per = np.zeros((b, t))
   for i in range(b):
@@ -86,7 +86,7 @@ def model_params():
 
 def _run_step(graphdef, params, rows, gcfg, accum, lr=0.0, max_len=12):
   tx = optax.sgd(lr) if lr else optax.set_to_zero()
-  step = jax.jit(grpo_trainer.make_grpo_step(graphdef, tx, optax.constant_schedule(lr), gcfg, temperature=TEMP,
+  step = jax.jit(grpo_loss.make_grpo_step(graphdef, tx, optax.constant_schedule(lr), gcfg, temperature=TEMP,
                                              max_completion_length=max_len))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   n = rows["inputs"].shape[0]
@@ -146,7 +146,7 @@ def test_on_policy_ratio_is_one_kl_zero(model_params):
   graphdef, params = model_params
   rows = _rows(2)
   rows["old_logp"] = np.zeros((N, T), np.float32)  # ignored on-policy: the policy's own detached log-probs
-  score = grpo_trainer.make_ref_scorer(graphdef, TEMP)
+  score = grpo_loss.make_ref_scorer(graphdef, TEMP)
   batch = {k: jnp.asarray(rows[k])[None] for k in ("inputs", "targets", "positions", "segments")}
   rows["ref_logp"] = np.asarray(score(params, batch))[0]  # reference == policy
   _, m = _run_step(graphdef, params, rows, G(beta=BETA, num_iterations=1), 2)
@@ -187,7 +187,7 @@ def test_sharded_step_equals_one_device(model_params):
   rows["ref_logp"] = np.full(rows["inputs"].shape, -4.2, np.float32)
   gcfg = G(loss_type="grpo", beta=BETA, num_iterations=2, entropy_coef=0.01)
   tx = optax.sgd(1.0)
-  step = grpo_trainer.make_grpo_step(graphdef, tx, optax.constant_schedule(1.0), gcfg, temperature=TEMP,
+  step = grpo_loss.make_grpo_step(graphdef, tx, optax.constant_schedule(1.0), gcfg, temperature=TEMP,
                                      max_completion_length=12)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   want_state, want = jax.jit(step)(state, {k: jnp.asarray(v).reshape((2, 4) + v.shape[1:]) for k, v in rows.items()})
@@ -208,7 +208,7 @@ def test_sharded_step_equals_one_device(model_params):
 # ------------------------------------------------------------------------------- rollout rows
 def test_completion_rows_layout():
   from jaxreason.sampling.sampler import SamplingOutput
-  from jaxreason.train.rollout import Completions, Question
+  from jaxreason.rollout import Completions, Question
   q = Question(id=0, text="", ids=(5, 6, 7), answer="1")
   out = SamplingOutput(tokens=[[8, 9, 10, 2], [11, 12]], logprobs=[np.array([-.1, -.2, -.3, -.4]), np.array([-.5, -.6])],
                        entropies=[np.zeros(4), np.zeros(2)], injected=[np.array([0, 1, 0, 0], bool), np.zeros(2, bool)],
@@ -239,7 +239,7 @@ def parity_reward(response: str, answer) -> float:
 def test_dynamic_sampling_refills(tmp_path):
   from jaxreason.config import load_config
   from jaxreason.data.char_tokenizer import build_char_tokenizer
-  from jaxreason.train.rollout import QuestionStream, Rewards, RolloutSampler, load_questions
+  from jaxreason.rollout import QuestionStream, Rewards, RolloutSampler, load_questions
   from jaxreason import sharding
   tok = build_char_tokenizer()
   cfg = load_config(None, base={

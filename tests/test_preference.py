@@ -2,10 +2,9 @@
 tiny end-to-end runs that learn, exact resume, load_scorer, clear errors."""
 
 import json
+import math
 import os
 import random
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +23,11 @@ from jaxreason.data.sources import DataError
 from jaxreason.models.build import init_model
 from jaxreason.models.config import ModelConfig
 from jaxreason.models.hf import load_hf_model, param_map
-from jaxreason.train import pair_step
-from jaxreason.train.loop import Preempted, run
-from jaxreason.train.reward_model import SCORE_HEAD, load_scorer
+from jaxreason.algorithms.dpo import loss as dpo_loss
+from jaxreason.algorithms.registry import run
+from jaxreason.algorithms.reward_model import loss as rm_loss
+from jaxreason.algorithms.reward_model.loss import SCORE_HEAD, load_scorer
+from jaxreason.train.loop import Preempted
 from jaxreason.train.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,7 +243,7 @@ def test_dpo_step_matches_pytorch_and_spec(tmp_path, loss_type):
   ref_params = nnx.to_pure_dict(nnx.state(ref_model))
   tx = optax.sgd(1.0)
   kw = dict(beta=beta, loss_type=loss_type, label_smoothing=s)
-  on_the_fly = jax.jit(pair_step.make_dpo_step(graphdef, tx, optax.constant_schedule(1.0), precompute_ref=False, **kw))
+  on_the_fly = jax.jit(dpo_loss.make_dpo_step(graphdef, tx, optax.constant_schedule(1.0), precompute_ref=False, **kw))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   new, metrics = on_the_fly(state, _accum(batch, 2), ref_params)  # 2 micro-batches of 2 pairs
   np.testing.assert_allclose(float(metrics["loss"]), expected.item(), rtol=1e-5, atol=1e-6)
@@ -254,8 +255,8 @@ def test_dpo_step_matches_pytorch_and_spec(tmp_path, loss_type):
     np.testing.assert_allclose(float(metrics["logps/rejected"]), pi[:, 1].mean().item(), rtol=1e-5)
 
   # Precomputed reference log-probs: the same loss and update.
-  ref_logps = jax.jit(pair_step.pair_ref_logps(graphdef))(ref_params, {k: jnp.asarray(v) for k, v in batch.items()})
-  pre = jax.jit(pair_step.make_dpo_step(graphdef, tx, optax.constant_schedule(1.0), precompute_ref=True, **kw))
+  ref_logps = jax.jit(dpo_loss.pair_ref_logps(graphdef))(ref_params, {k: jnp.asarray(v) for k, v in batch.items()})
+  pre = jax.jit(dpo_loss.make_dpo_step(graphdef, tx, optax.constant_schedule(1.0), precompute_ref=True, **kw))
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   new2, metrics2 = pre(state, {**_accum(batch, 2), "ref_logps": jnp.reshape(ref_logps, (2, 2, 2))})
   np.testing.assert_allclose(float(metrics2["loss"]), float(metrics["loss"]), rtol=1e-6)
@@ -286,7 +287,7 @@ def test_reward_model_step_matches_pytorch(tmp_path):
   graphdef, st = nnx.split(model)
   params = {**nnx.to_pure_dict(st), SCORE_HEAD: {"kernel": jnp.asarray(w), "bias": jnp.asarray(b)}}
   tx = optax.sgd(1.0)
-  step = jax.jit(pair_step.make_reward_model_step(graphdef, tx, optax.constant_schedule(1.0), center_coef=coef))
+  step = jax.jit(rm_loss.make_reward_model_step(graphdef, tx, optax.constant_schedule(1.0), center_coef=coef))
   new, metrics = step(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)),
                       _accum(batch, 2))
   np.testing.assert_allclose(float(metrics["loss"]), expected.item(), rtol=1e-5)
@@ -303,7 +304,7 @@ def test_reward_model_step_matches_pytorch(tmp_path):
 def _pair_accuracy(params, data, init_params=None):
   """Implicit-reward accuracy over every pair of `data` (policy vs reference = init_params)."""
   graphdef, _ = nnx.split(init_model(TINY))
-  fn = jax.jit(pair_step.pair_ref_logps(graphdef))
+  fn = jax.jit(dpo_loss.pair_ref_logps(graphdef))
   batch = {k: jnp.asarray(v) for k, v in data.batch(range(len(data.pairs))).items() if k != "index"}
   pi, ref = np.asarray(fn(params, batch)), np.asarray(fn(init_params, batch))
   return float(np.mean((pi[:, 0] - ref[:, 0]) > (pi[:, 1] - ref[:, 1])))
@@ -355,9 +356,9 @@ def test_dpo_precompute_ref_and_on_the_fly_agree_and_resume_exactly(tmp_path, ti
 
 def _preempt_after(monkeypatch, steps):
   """SIGTERM as seen by the loop: `guard.requested` turns true after `steps` steps."""
-  from jaxreason.train import preference
+  from jaxreason.train import loop
 
-  class Guard(preference.PreemptionGuard):
+  class Guard(loop.PreemptionGuard):
     checks = 0
 
     @property
@@ -369,7 +370,7 @@ def _preempt_after(monkeypatch, steps):
     def requested(self, value):
       pass
 
-  monkeypatch.setattr(preference, "PreemptionGuard", Guard)
+  monkeypatch.setattr(loop, "PreemptionGuard", Guard)
 
 
 def _assert_same(m1, m2):
@@ -404,7 +405,7 @@ def test_reward_model_learns_scores_and_resumes_exactly(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="reward model checkpoint"):
     checkpoint.load_model(a.output_dir)  # export / eval load policies this way
   # As a GRPO reward ("reward_model:PATH", weighted with a rule reward): the scorer's values.
-  from jaxreason.train.rollout import Completions, Question, Rewards
+  from jaxreason.rollout import Completions, Question, Rewards
   from jaxreason.sampling.sampler import SamplingOutput
   qs = [Question(id=i, text=r["prompt"], ids=(1,), answer="0") for i, r in enumerate(rows[:4])]
   texts = [x for r in rows[:4] for x in (r["chosen"], r["rejected"])]
@@ -443,19 +444,29 @@ def test_dpo_needs_init_from_and_scorer_needs_a_reward_model(tmp_path, tiny_init
 
 
 def test_self_pairs_are_built_then_trained_on(tmp_path, tiny_init, monkeypatch):
-  calls = []
+  """The real sampler answers the questions; (right, wrong) pairs are built and DPO trains on them
+  (data.train is empty: the pairs are the only data). "Right" = even (non-zero) length, so that a random
+  policy has both kinds."""
+  from jaxreason.algorithms.dpo import self_pairs
 
-  def build_self_pairs(rs, cfg):
-    calls.append(cfg.dpo.self_pairs)
-    return _write(tmp_path / "self.jsonl", _sums(16, seed=3))
+  class EvenLength(self_pairs.Rewards):
+    def __call__(self, c):
+      return {**super().__call__(c), "correct": np.asarray([len(t) > 0 and len(t) % 2 == 0 for t in c.texts])}
 
-  fake = types.ModuleType("jaxreason.train.rollout")
-  fake.build_self_pairs = build_self_pairs
-  monkeypatch.setitem(sys.modules, "jaxreason.train.rollout", fake)
-  cfg = _cfg(tmp_path, tiny_init, "dpo", "unused", "data.train=[]", "dpo.self_pairs=task:addition:n=4",
-             "train.max_steps=2")
+  monkeypatch.setattr(self_pairs, "Rewards", EvenLength)
+  cfg = _cfg(tmp_path, tiny_init, "dpo", "unused", "data.train=[]", "dpo.self_pairs=task:addition:n=8",
+             "train.max_steps=2", "train.global_batch_size=8", "train.micro_batch_size=null", "data.seq_len=48",
+             "rollout.format=raw", "rollout.max_new_tokens=6", "rollout.num_generations=4",
+             "rollout.prompts_per_step=8")
   out = run(cfg)
-  assert calls == ["task:addition:n=4"] and out["final_step"] == 2
+  assert out["final_step"] == 2
+  pairs = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "data", "pairs.jsonl"))]
+  assert pairs and all(len(p["chosen"]) % 2 == 0 and len(p["rejected"]) % 2 == 1 for p in pairs)
+  m = _metrics(cfg.output_dir)
+  assert [r["step"] for r in m] == [1, 2]
+  # Step 1: the policy is the reference, so every pair's sigmoid DPO loss is -log sigmoid(0).
+  np.testing.assert_allclose(m[0]["loss"], math.log(2), rtol=1e-5)
+  assert m[1]["loss"] != m[0]["loss"]  # the update changed the policy
 
 
 def test_quickstart_dpo_config_is_valid():

@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxreason.train import dpo, grpo, reward_model
+from jaxreason.algorithms import cs336
+from jaxreason.algorithms.dpo import loss as dpo
+from jaxreason.algorithms.grpo import loss as grpo
+from jaxreason.algorithms.reward_model import loss as reward_model
 
 # ----------------------------------------------------------------------------------------------
 # Fixed small inputs: B = 3, T = 4, ragged mask, asymmetric clip, KL on.
@@ -182,10 +185,10 @@ def test_group_advantages_unbiased_std():
 
 def test_cs336_group_normalized_rewards():
   fn = lambda resp, truth: {"reward": float(resp == truth)}
-  adv, raw, meta = grpo.compute_group_normalized_rewards(fn, ["a", "b", "c", "a"], ["a"] * 4, 2, 1e-6, False)
+  adv, raw, meta = cs336.compute_group_normalized_rewards(fn, ["a", "b", "c", "a"], ["a"] * 4, 2, 1e-6, False)
   np.testing.assert_allclose(np.asarray(raw), [1, 0, 0, 1])
   np.testing.assert_allclose(np.asarray(adv), [0.5, -0.5, -0.5, 0.5])
-  adv, _, _ = grpo.compute_group_normalized_rewards(fn, ["a", "b", "c", "a"], ["a"] * 4, 2, 1e-6, True)
+  adv, _, _ = cs336.compute_group_normalized_rewards(fn, ["a", "b", "c", "a"], ["a"] * 4, 2, 1e-6, True)
   np.testing.assert_allclose(np.asarray(adv), np.array([0.5, -0.5, -0.5, 0.5]) / (math.sqrt(0.5) + 1e-6), rtol=1e-6)
 
 
@@ -217,17 +220,17 @@ def test_dynamic_sampling_filter():
 def test_masked_mean_and_normalize():
   x = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
   m = jnp.array([[1, 1, 0], [0, 0, 0]])
-  np.testing.assert_allclose(float(grpo.masked_mean(x, m)), 1.5)
-  r = np.asarray(grpo.masked_mean(x, m, axis=-1))
+  np.testing.assert_allclose(float(cs336.masked_mean(x, m)), 1.5)
+  r = np.asarray(cs336.masked_mean(x, m, axis=-1))
   assert r[0] == 1.5 and np.isnan(r[1])
-  np.testing.assert_allclose(np.asarray(grpo.masked_normalize(x, m, 2.0, axis=-1)), [1.5, 0.0])
-  np.testing.assert_allclose(float(grpo.masked_normalize(x, m, 4.0)), 0.75)
+  np.testing.assert_allclose(np.asarray(cs336.masked_normalize(x, m, 2.0, axis=-1)), [1.5, 0.0])
+  np.testing.assert_allclose(float(cs336.masked_normalize(x, m, 4.0)), 0.75)
 
 
 def test_sft_microbatch_loss():
   lp = np.array([[-1.0, -2.0, -3.0], [-0.5, -0.5, -4.0]])
   m = np.array([[1, 1, 0], [0, 1, 1]], np.float64)
-  loss, _ = grpo.sft_microbatch_loss(jx(lp), jx(m), grad_accum_steps=4, normalize_constant=2.0)
+  loss, _ = cs336.sft_microbatch_loss(jx(lp), jx(m), grad_accum_steps=4, normalize_constant=2.0)
   expected = -np.mean((lp * m).sum(1) / 2.0) / 4
   np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
 
@@ -245,10 +248,10 @@ def test_grpo_microbatch_loss(loss_type):
     rho = np.exp(lp - old)
     per = -np.minimum(rho * adv, np.clip(rho, 0.8, 1.2) * adv)
   expected = np.mean((per * MASK).sum(1) / MASK.sum(1)) / 2
-  loss, _ = grpo.grpo_microbatch_loss(jx(lp), jx(MASK), 2, loss_type, raw_rewards=jx(raw), advantages=jx(adv),
+  loss, _ = cs336.grpo_microbatch_loss(jx(lp), jx(MASK), 2, loss_type, raw_rewards=jx(raw), advantages=jx(adv),
                                       old_logp=jx(old), cliprange=0.2)
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
-  per_j, _ = grpo.compute_policy_gradient_loss(jx(lp), loss_type, jx(raw), jx(adv), jx(old), 0.2)
+  per_j, _ = cs336.compute_policy_gradient_loss(jx(lp), loss_type, jx(raw), jx(adv), jx(old), 0.2)
   np.testing.assert_allclose(np.asarray(per_j), per, rtol=1e-5)
 
 

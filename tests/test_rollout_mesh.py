@@ -10,7 +10,7 @@ from jaxreason.config import load_config
 from jaxreason.data.char_tokenizer import build_char_tokenizer
 from jaxreason.models import ModelConfig
 from jaxreason.models.build import init_model
-from jaxreason.train.rollout import RolloutSampler, load_questions
+from jaxreason.rollout import RolloutSampler, load_questions
 
 
 def test_rollouts_on_their_own_mesh_equal_rollouts_on_the_training_mesh(tmp_path):

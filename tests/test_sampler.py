@@ -97,40 +97,51 @@ EOS = 2
 def reference_budget_forcing(hf, prompt, bf: BudgetForcing, max_total: int):
   """s1's multi-call procedure (SPEC §3) with HF generate, on token ids (nothing re-tokenised).
 
-  `max_total` is the sampler's max_new_tokens: the whole output is cut there.
+  `max_total` is the sampler's max_new_tokens: the whole output is cut there. info["injected"]
+  marks the tokens the procedure wrote itself (waits, the forced newline + end + suffix), not
+  the model: what GRPO must not train on.
   """
-  out, think_gen, waits, forced = [], 0, 0, False
+  out, inj, think_gen, waits, forced = [], [], 0, 0, False
   budget = bf.max_thinking_tokens if bf.max_thinking_tokens is not None else 10**6
+
+  def done(tokens, flags, **info):
+    return tokens[:max_total], dict(info, injected=flags[:max_total])
+
   while True:
     if len(out) >= max_total:
-      return out[:max_total], dict(waits=waits, forced=forced, answer=0, end="cap")
+      return done(out, inj, waits=waits, forced=forced, answer=0, end="cap")
     gen = hf_greedy(hf, prompt + out, min(budget - think_gen, max_total - len(out)),
                     stop_ids=[bf.trigger_id, EOS])
     if gen and gen[-1] == EOS:  # end of turn while thinking: the row ends without an answer
-      return out + gen, dict(waits=waits, forced=forced, answer=0, end="eos")
+      return done(out + gen, inj + [False] * len(gen), waits=waits, forced=forced, answer=0, end="eos")
     hit_trigger = bool(gen) and gen[-1] == bf.trigger_id
     if hit_trigger:
       gen = gen[:-1]
     out += gen
+    inj += [False] * len(gen)
     think_gen += len(gen)
     if not hit_trigger and think_gen < budget:  # cut by max_total, not by the budget
-      return out[:max_total], dict(waits=waits, forced=forced, answer=0, end="cap")
+      return done(out, inj, waits=waits, forced=forced, answer=0, end="cap")
     if hit_trigger:
       if waits < bf.num_waits or think_gen < bf.min_thinking_tokens:
         out += list(bf.wait_ids)
+        inj += [True] * len(bf.wait_ids)
         waits += 1
         continue
       out += [bf.trigger_id]  # natural end: the model goes on writing the delimiter itself
+      inj += [False]
       end = "natural"
       break
     nl = [] if (out and out[-1] == NEWLINE) or not out and prompt[-1] == NEWLINE else list(bf.newline_ids)
-    out += nl + list(bf.end_ids) + list(bf.forced_suffix_ids)
+    forced_ids = nl + list(bf.end_ids) + list(bf.forced_suffix_ids)
+    out += forced_ids
+    inj += [True] * len(forced_ids)
     forced, end = True, "forced"
     break
   if len(out) >= max_total:
-    return out[:max_total], dict(waits=waits, forced=forced, answer=0, end=end)
+    return done(out, inj, waits=waits, forced=forced, answer=0, end=end)
   answer = hf_greedy(hf, prompt + out, min(bf.max_answer_tokens, max_total - len(out)), stop_ids=[EOS])
-  return out + answer, dict(waits=waits, forced=forced, answer=len(answer), end=end)
+  return done(out + answer, inj + [False] * len(answer), waits=waits, forced=forced, answer=len(answer), end=end)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +187,8 @@ def test_budget_forcing_matches_multi_call_reference(bf_model, case):
     assert out.waits[i] == info["waits"]
     assert bool(out.forced_end[i]) == info["forced"]
     assert out.answer_tokens[i] == info["answer"]  # model-generated answer tokens
+    assert [bool(x) for x in out.injected[i]] == info["injected"], (case, i)  # what GRPO trains on
+    exercised.add("injected" if any(info["injected"]) else "all sampled")
     exercised.add(info["end"])
     exercised.add(f"waits={info['waits']}")
   if case == "cap_cuts_thinking":
@@ -184,5 +197,7 @@ def test_budget_forcing_matches_multi_call_reference(bf_model, case):
     assert f"waits={BF_CASES[case]['num_waits']}" in exercised, exercised
   if case == "no_forcing":
     assert "natural" in exercised
+  if case != "no_forcing":
+    assert "injected" in exercised, exercised
   if case == "min_thinking":
     assert any(e.startswith("waits=") and e != "waits=0" for e in exercised), exercised

@@ -10,9 +10,10 @@ from flax import nnx
 
 from hf_models import make_hf_model, save_hf_model_dir
 from jaxreason.models.hf import load_hf_model, param_map
-from jaxreason.train import optim, sft
+from jaxreason.algorithms.sft import loss as sft
+from jaxreason.train import optim
 from jaxreason.train.state import TrainState
-from jaxreason.train.step import make_sft_step
+from jaxreason.algorithms.sft.loss import make_sft_step
 
 
 def _batch(rng, b=3, t=12, vocab=256):

@@ -61,7 +61,7 @@ def bench_jax(tokens, steps, dtype: str, remat: str) -> tuple[float, object]:
   from jaxreason.models import ModelConfig
   from jaxreason.models.build import init_model
   from jaxreason.train.state import TrainState
-  from jaxreason.train.step import make_sft_step
+  from jaxreason.algorithms.sft.loss import make_sft_step
   cfg = ModelConfig(model_type="qwen2", vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["hidden_size"],
                     intermediate_size=SHAPE["intermediate_size"], num_layers=SHAPE["num_hidden_layers"],
                     num_heads=SHAPE["num_attention_heads"], num_kv_heads=SHAPE["num_key_value_heads"],

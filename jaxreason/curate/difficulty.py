@@ -41,7 +41,7 @@ class ModelSolver:
   def __call__(self, rows: list[Row], k: int) -> list[list[str]]:
     from jaxreason import checkpoint
     from jaxreason.data.tokenizer import load_tokenizer
-    from jaxreason.eval.formats import generation_prompt
+    from jaxreason.formats import generation_prompt
     from jaxreason.eval.run import load_any_model
     from jaxreason.sampling import SamplingConfig
     from jaxreason.sampling.sampler import Sampler, newline_mask_for
@@ -93,7 +93,7 @@ class Difficulty(Stage):
   name = "difficulty"
 
   def run(self, rows, rng):
-    from jaxreason.eval.formats import EVAL_FORMATS
+    from jaxreason.formats import FORMATS as EVAL_FORMATS
     from jaxreason.rewards import get_reward_fn, is_correct
     reward = get_reward_fn(self.reward or EVAL_FORMATS[self.format].reward)
     solved_by: list[list[str]] = [[] for _ in rows]

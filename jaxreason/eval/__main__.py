@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import sys
+
+from jaxreason.formats import FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
   p.add_argument("--data", help="dataset file/dir or task:NAME")
   p.add_argument("--out", help="output directory")
-  p.add_argument("--format", choices=["s1", "think", "r1_zero", "boxed", "chat", "raw"])
+  p.add_argument("--format", choices=list(FORMATS))
   p.add_argument("--budgets", help="comma-separated max thinking tokens; 'none' = no cap")
   p.add_argument("--num-waits", type=int, help="'Wait' extensions when the model tries to stop thinking")
   p.add_argument("--wait", help="the injected string (default 'Wait')")
@@ -48,42 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> "EvalConfig":
+  """EvalConfig from --config YAML (the training configs' loader: file and line in errors, the
+  nearest valid key for a typo) under the command-line options, which win."""
   from jaxreason.eval.run import EvalConfig, parse_budgets
-  fields = {f.name for f in dataclasses.fields(EvalConfig)}
-  settings: dict = {}
-  if args.config:
-    import yaml
-    try:
-      with open(args.config) as f:
-        loaded = yaml.safe_load(f) or {}
-    except OSError as e:
-      raise SystemExit(f"--config {args.config}: {e.strerror}")
-    except yaml.YAMLError as e:
-      raise SystemExit(f"--config {args.config}: not valid YAML ({e})")
-    if not isinstance(loaded, dict):
-      raise SystemExit(f"--config {args.config}: expected a mapping of settings")
-    for key, value in loaded.items():
-      k = str(key).replace("-", "_")
-      if k not in fields:
-        near = difflib.get_close_matches(k, sorted(fields), n=1)
-        raise SystemExit(f"--config {args.config}: unknown key {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
-      settings[k] = value
-  for k, v in vars(args).items():
-    if k != "config" and v is not None:
-      settings[k] = v
-  missing = [k for k in ("model", "data", "out") if not settings.get(k)]
-  if missing:
-    raise SystemExit("missing required settings: " + ", ".join("--" + m for m in missing))
-  _validate(settings)
+  from jaxreason.yamlconfig import load
+  settings = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
   try:
     if "budgets" in settings:
-      settings["budgets"] = parse_budgets(settings["budgets"]) if not isinstance(settings["budgets"], (list, tuple)) \
-          else tuple(None if b in (None, "none") else int(b) for b in settings["budgets"])
-    if "ks" in settings and isinstance(settings["ks"], str):
+      settings["budgets"] = parse_budgets(settings["budgets"])
+    if "ks" in settings:
       settings["ks"] = tuple(int(k) for k in settings["ks"].split(","))
-    return EvalConfig(**settings)
-  except (TypeError, ValueError) as e:
+  except ValueError as e:
     raise SystemExit(f"bad settings: {e}")
+  try:
+    cfg, _, _ = load(EvalConfig, args.config, settings=settings)
+  except ValueError as e:  # ConfigError, or a value EvalConfig rejects
+    message = str(e)
+    missing = [f"--{k.replace('_', '-')}" for k in ("model", "data", "out") if f" {k} is required" in message]
+    raise SystemExit("missing required settings: " + ", ".join(missing) if missing else f"bad settings: {message}")
+  _validate({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) is not None})
+  return cfg
 
 
 _POSITIVE = ("n", "batch_size", "max_new_tokens", "max_answer_tokens")

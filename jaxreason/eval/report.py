@@ -10,53 +10,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from jaxreason.eval.metrics import budget_rows
+from jaxreason.io_utils import atomic_write as _atomic_write, to_jsonable, write_jsonl
 
 __all__ = ["write_samples", "write_summary", "plot_scaling", "format_table", "to_jsonable"]
 
 
-def to_jsonable(obj: Any) -> Any:
-  """`json.dumps` default: numpy scalars -> Python numbers, arrays -> lists, sets/tuples -> lists."""
-  import numpy as np
-  if isinstance(obj, np.generic):
-    return obj.item()
-  if isinstance(obj, np.ndarray):
-    return obj.tolist()
-  if isinstance(obj, (set, frozenset, tuple)):
-    return list(obj)
-  raise TypeError(f"cannot write a {type(obj).__name__} as JSON: {obj!r:.80}")
-
-
-def _atomic_write(path: str | os.PathLike, write) -> str:
-  """Calls `write(file)` on a temporary file next to `path`, then renames it over `path`."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
-
-
 def write_samples(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> str:
   """One JSON object per line (UTF-8, not ASCII-escaped), written atomically. Returns the path."""
-  def write(f):
-    for row in rows:
-      f.write(json.dumps(row, ensure_ascii=False, default=to_jsonable))
-      f.write("\n")
-  return _atomic_write(path, write)
+  return write_jsonl(path, rows)
 
 
 def write_summary(path: str | os.PathLike, summary: Mapping[str, Any] | Sequence[Any]) -> str:

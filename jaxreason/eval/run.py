@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxreason.eval.formats import EVAL_FORMATS, budget_forcing, generation_prompt
+from jaxreason import generation
+from jaxreason.formats import FORMATS, generation_prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +44,24 @@ class EvalConfig:
   dtype: str = "float32"
   tokenizer: str | None = None  # default: the model dir, or a checkpoint run's tokenizer/ folder
 
+  @staticmethod
+  def config_prepare(raw: dict, key, where) -> dict:
+    """YAML may give `budgets` and `ks` as comma-separated strings, as on the command line."""
+    raw = dict(raw)
+    if isinstance(raw.get("budgets"), (str, int)):
+      raw["budgets"] = parse_budgets(raw["budgets"])
+    elif isinstance(raw.get("budgets"), (list, tuple)):
+      raw["budgets"] = tuple(None if b in (None, "none") else b for b in raw["budgets"])
+    if isinstance(raw.get("ks"), str):
+      raw["ks"] = tuple(int(k) for k in raw["ks"].split(","))
+    return {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in raw.items()}
+
   def __post_init__(self):
-    if self.format not in EVAL_FORMATS:
-      raise ValueError(f"format {self.format!r} is not one of {', '.join(EVAL_FORMATS)}")
+    if self.format not in FORMATS:
+      raise ValueError(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
     if self.backend not in ("jax", "vllm"):
       raise ValueError(f"backend must be 'jax' or 'vllm', got {self.backend!r}")
-    if EVAL_FORMATS[self.format].think_end is None and any(b is not None for b in self.budgets):
+    if FORMATS[self.format].think_end is None and any(b is not None for b in self.budgets):
       raise ValueError(f"format {self.format!r} has no thinking phase: use --budgets none")
 
 
@@ -69,17 +82,20 @@ def parse_budgets(text: str) -> tuple[int | None, ...]:
   return tuple(out)
 
 
-def load_examples(spec: str, split: str | None, limit: int | None) -> list[dict]:
+def load_examples(spec: str, split: str | None, limit: int | None, *, with_rows: bool = False):
+  """`{"id", "question" | "prompt", "answer"}` per row (`data.sources.eval_examples`); with
+  `with_rows`, (examples, the source rows) (reward functions may read any column)."""
   from jaxreason.data import sources
   if spec.startswith("task:"):
     from jaxreason.data.tasks import load_task
     rows = load_task(spec[len("task:"):])
-    path = spec
   else:
     rows = sources.read_rows(spec, split=split, limit=limit)
-    path = spec
-  examples = sources.eval_examples(rows, path)
-  return examples[:limit] if limit else examples
+  rows = list(rows)
+  examples = sources.eval_examples(rows, spec)
+  if limit:
+    examples, rows = examples[:limit], rows[:limit]
+  return (examples, rows) if with_rows else examples
 
 
 class _Progress:
@@ -97,22 +113,25 @@ class _Progress:
     self.bar.close()
 
 
+_SAMPLERS: dict = {}  # (model dir, dtype) -> Sampler, reused across budgets and calls
+
+
 def _generate_jax(model_dir, cfg: EvalConfig, prompts, bf, tokenizer, sampling_cfg, progress, seed):
   from jaxreason.sampling.sampler import Sampler, newline_mask_for
-  if not hasattr(_generate_jax, "cache") or _generate_jax.cache[0] != (model_dir, cfg.dtype):
+  key = (model_dir, cfg.dtype)
+  if key not in _SAMPLERS:
+    _SAMPLERS.clear()
     model = load_any_model(model_dir, dtype=cfg.dtype)
-    sampler = Sampler(model, newline_mask=newline_mask_for(tokenizer, model.cfg.vocab_size))
-    _generate_jax.cache = ((model_dir, cfg.dtype), sampler)
-  sampler = _generate_jax.cache[1]
-  outputs = []
-  for start in range(0, len(prompts), cfg.batch_size):
-    chunk = prompts[start:start + cfg.batch_size]
-    t = time.perf_counter()
-    out = sampler.generate(chunk, sampling_cfg, bf, seed=seed + start)
+    _SAMPLERS[key] = Sampler(model, newline_mask=newline_mask_for(tokenizer, model.cfg.vocab_size))
+  clock = {"t": time.perf_counter()}
+
+  def on_batch(start, out):
     toks = sum(len(x) for x in out.tokens)
-    progress.update(len(chunk) * sampling_cfg.n, tok_s=f"{toks / (time.perf_counter() - t):.0f}")
-    outputs.append((start, out))
-  return outputs
+    progress.update(len(out.tokens), tok_s=f"{toks / (time.perf_counter() - clock['t']):.0f}")
+    clock["t"] = time.perf_counter()
+
+  return generation.generate(_SAMPLERS[key], prompts, sampling_cfg, bf, batch_size=cfg.batch_size,
+                             seed_for=lambda start: seed + start, on_batch=on_batch)
 
 
 def load_any_model(path: str, **overrides):
@@ -152,59 +171,52 @@ def _generate_vllm(model_dir, cfg: EvalConfig, prompts, bf, tokenizer, sampling_
   (out,) = vllm_backend.generate_vllm(model_dir, [job], max_model_len=max_len,
                                       dtype="float32" if cfg.dtype == "float32" else "bfloat16", seed=seed)
   progress.update(len(prompts) * sampling_cfg.n)
-  return [(0, out)]
+  return out
 
 
 def run_eval(cfg: EvalConfig, *, tokenizer=None, log=print) -> dict[str, Any]:
   from jaxreason.eval import metrics, report
-  from jaxreason.rewards import extract_answer, get_reward_fn, is_correct, reward_value
-  from jaxreason.sampling import SamplingConfig
+  from jaxreason.rewards import call_reward, extract_answer, get_reward_fn, is_correct, reward_value
 
-  ef = EVAL_FORMATS[cfg.format]
+  ef = FORMATS[cfg.format]
   tokenizer = tokenizer or resolve_tokenizer(cfg)
-  examples = load_examples(cfg.data, cfg.split, cfg.limit)
+  examples, source_rows = load_examples(cfg.data, cfg.split, cfg.limit, with_rows=True)
   reward_fn = get_reward_fn(cfg.reward or ef.reward)
   texts = [generation_prompt(cfg.format, ex.get("question"), ex.get("prompt"), tokenizer) for ex in examples]
   prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-  stop_ids = tuple(sorted({i for i in (tokenizer.eos_token_id,) if i is not None}))
-  sampling_cfg = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                top_k=cfg.top_k, n=cfg.n, stop_token_ids=stop_ids,
-                                pad_token_id=tokenizer.pad_token_id or 0)
-  end_markers = [tokenizer.decode([i]) for i in set(stop_ids) | {tokenizer.pad_token_id} if i is not None]
+  sampling_cfg = generation.sampling_config(tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                            top_p=cfg.top_p, top_k=cfg.top_k, n=cfg.n)
   generate = _generate_jax if cfg.backend == "jax" else _generate_vllm
   os.makedirs(cfg.out, exist_ok=True)
 
   rows: list[dict] = []
   for budget in cfg.budgets:
-    bf = budget_forcing(cfg.format, tokenizer, budget, cfg.num_waits, cfg.wait, cfg.min_thinking_tokens,
+    bf = generation.budget_forcing(cfg.format, tokenizer, budget, cfg.num_waits, cfg.wait, cfg.min_thinking_tokens,
                         cfg.max_answer_tokens)
     progress = _Progress(len(prompts) * cfg.n, desc=f"budget {budget if budget is not None else 'none'}")
     try:
-      outputs = generate(cfg.model, cfg, prompts, bf, tokenizer, sampling_cfg, progress, cfg.seed)
+      out = generate(cfg.model, cfg, prompts, bf, tokenizer, sampling_cfg, progress, cfg.seed)
     finally:
       progress.close()
-    for start, out in outputs:
-      for j, toks in enumerate(out.tokens):
-        ex = examples[start + int(out.prompt_index[j])]
-        response = tokenizer.decode(toks, skip_special_tokens=False)
-        graded_text = response
-        for marker in end_markers:  # the end-of-turn token is not part of the answer
-          graded_text = graded_text.replace(marker, "")
-        graded = reward_fn(graded_text, ex["answer"])
-        reward = reward_value(graded)
-        correct = is_correct(graded)
-        model_tokens = ~np.asarray(out.injected[j], bool)
-        ent = out.entropies[j][model_tokens]
-        rows.append(dict(
-            id=ex["id"], budget=budget, sample=j % cfg.n, prompt=texts[start + int(out.prompt_index[j])],
-            response=response, response_token_ids=list(map(int, toks)), ground_truth=ex["answer"],
-            answer=extract_answer(graded_text, ef.extract), reward=reward,
-            format_reward=graded.get("format_reward") if isinstance(graded, dict) else None,
-            correct=bool(correct), thinking_tokens=int(out.thinking_tokens[j]),
-            answer_tokens=int(out.answer_tokens[j]), waits=int(out.waits[j]),
-            forced_end=bool(out.forced_end[j]), truncated=bool(out.truncated[j]),
-            finish_reason=out.finish_reason[j],
-            mean_entropy=float(ent.mean()) if ent.size else None, length=len(toks)))
+    responses, graded_texts = generation.decode(tokenizer, out)
+    for j, toks in enumerate(out.tokens):
+      i = int(out.prompt_index[j])
+      ex, graded_text = examples[i], graded_texts[j]
+      graded = call_reward(reward_fn, graded_text, ex["answer"], source_rows[i])
+      reward = reward_value(graded)
+      correct = is_correct(graded)
+      model_tokens = ~np.asarray(out.injected[j], bool)
+      ent = out.entropies[j][model_tokens]
+      rows.append(dict(
+          id=ex["id"], budget=budget, sample=j % cfg.n, prompt=texts[i],
+          response=responses[j], response_token_ids=list(map(int, toks)), ground_truth=ex["answer"],
+          answer=extract_answer(graded_text, ef.extract), reward=reward,
+          format_reward=graded.get("format_reward") if isinstance(graded, dict) else None,
+          correct=bool(correct), thinking_tokens=int(out.thinking_tokens[j]),
+          answer_tokens=int(out.answer_tokens[j]), waits=int(out.waits[j]),
+          forced_end=bool(out.forced_end[j]), truncated=bool(out.truncated[j]),
+          finish_reason=out.finish_reason[j],
+          mean_entropy=float(ent.mean()) if ent.size else None, length=len(toks)))
 
   ks = tuple(sorted(set(cfg.ks or ((1, cfg.n) if cfg.n > 1 else (1,)))))
   summary = metrics.summarize(rows, ks=ks)

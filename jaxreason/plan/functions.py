@@ -66,7 +66,8 @@ def _micro(cfg) -> tuple[int, int]:
 
 
 def sft_functions(cfg, model_cfg, mesh) -> list[Planned]:
-  from jaxreason.train.step import jit_step, make_sft_step
+  from jaxreason.algorithms.sft.loss import make_sft_step
+  from jaxreason.train.step import jit_step
   graphdef, _, state, tx, schedule, shardings = train_state(cfg, model_cfg, mesh)
   accum, micro = _micro(cfg)
   t = cfg.data.seq_len
@@ -79,7 +80,7 @@ def sft_functions(cfg, model_cfg, mesh) -> list[Planned]:
 
 
 def _sampler(cfg, model_cfg, mesh, graphdef, abs_state, prompt_len: int) -> Planned:
-  from jaxreason.sampling.sampler import _generate, bucket_length
+  from jaxreason.sampling.sampler import DEFAULT_SLOTS, _generate_continuous, bucket_length
   from jaxreason.sampling import SamplingConfig
   rc = cfg.rollout
   rules = sharding.SAMPLING_RULES
@@ -96,15 +97,21 @@ def _sampler(cfg, model_cfg, mesh, graphdef, abs_state, prompt_len: int) -> Plan
   rep = NamedSharding(mesh, PartitionSpec())
   args = (state, _rows(mesh, (questions, p), jnp.int32, lead=0), _rows(mesh, (questions, p), jnp.int32, lead=0),
           jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep),
-          jax.ShapeDtypeStruct((model_cfg.vocab_size,), jnp.bool_, sharding=rep))
-  fn = lambda *a: _generate(*a, graphdef=graphdef, cfg=scfg, bf=None, cache_len=p + rc.max_new_tokens)
-  return Planned("sampler", jax.jit(fn), args, "sample", questions * rc.num_generations, p + rc.max_new_tokens,
+          jax.ShapeDtypeStruct((model_cfg.vocab_size,), jnp.bool_, sharding=rep),
+          jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+  # The rollout engine's default: continuous batching over Sampler.num_slots decode slots.
+  n = rc.num_generations
+  slots = max(n, min(DEFAULT_SLOTS, questions * n) // n * n)
+  fn = lambda *a: _generate_continuous(*a, graphdef=graphdef, cfg=scfg, bf=None, cache_len=p + rc.max_new_tokens,
+                                       slots=slots)
+  return Planned("sampler", jax.jit(fn), args, "sample", slots, p + rc.max_new_tokens,
                  new_tokens=rc.max_new_tokens, rules=rules, mesh=mesh,
-                 notes=[f"{questions} prompts x {rc.num_generations} samples, prompt {p}, {rc.max_new_tokens} new"])
+                 notes=[f"{questions} prompts x {n} samples in {slots} decode slots, prompt {p}, "
+                        f"{rc.max_new_tokens} new"])
 
 
 def grpo_functions(cfg, model_cfg, mesh, prompt_len: int = 512) -> list[Planned]:
-  from jaxreason.train.grpo_trainer import make_grpo_step, make_ref_scorer
+  from jaxreason.algorithms.grpo.loss import make_grpo_step, make_ref_scorer
   from jaxreason.train.step import jit_step
   rc, gc = cfg.rollout, cfg.grpo
   graphdef, abs_state, state, tx, schedule, shardings = train_state(cfg, model_cfg, mesh)
@@ -131,7 +138,8 @@ def grpo_functions(cfg, model_cfg, mesh, prompt_len: int = 512) -> list[Planned]
 
 
 def dpo_functions(cfg, model_cfg, mesh, max_tokens: int) -> list[Planned]:
-  from jaxreason.train.pair_step import jit_pair_step, make_dpo_step
+  from jaxreason.algorithms.dpo.loss import make_dpo_step
+  from jaxreason.train.step import jit_step
   d = cfg.dpo
   graphdef, _, state, tx, schedule, shardings = train_state(cfg, model_cfg, mesh)
   accum, micro = _micro(cfg)
@@ -140,7 +148,7 @@ def dpo_functions(cfg, model_cfg, mesh, max_tokens: int) -> list[Planned]:
     batch["ref_logps"] = _rows(mesh, (accum, micro, 2), jnp.float32)
   step = make_dpo_step(graphdef, tx, schedule, beta=d.beta, loss_type=d.loss_type,
                        label_smoothing=d.label_smoothing, precompute_ref=d.precompute_ref)
-  fn = jit_pair_step(step, shardings, {k: v.sharding for k, v in batch.items()})
+  fn = jit_step(step, shardings, {k: v.sharding for k, v in batch.items()})
   return [Planned("dpo pair step", fn, (state, batch), "train", accum * micro * 2, max_tokens,
                   rules=sharding.TRAIN_RULES, mesh=mesh, notes=[f"{accum} x {micro} pairs x {max_tokens} tokens"])]
 

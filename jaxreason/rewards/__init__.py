@@ -28,6 +28,7 @@ from jaxreason.rewards.registry import (
   RewardFn,
   RewardOutput,
   apply_reward,
+  call_reward,
   combine,
   get_reward_fn,
   register_reward,
@@ -42,7 +43,7 @@ __all__ = [
   "last_number", "r1_zero_answer", "simplerl_extract",
   "MAX_ANSWER_CHARS", "MAX_RESPONSE_CHARS", "Grader", "default_grader", "is_equiv", "set_default_grader",
   "verify_response",
-  "RewardFn", "RewardOutput", "apply_reward", "combine", "get_reward_fn", "register_reward",
+  "RewardFn", "RewardOutput", "apply_reward", "call_reward", "combine", "get_reward_fn", "register_reward",
   "registered_rewards", "reward_value", "is_correct",
   "boxed", "gsm8k", "r1_zero", "s1_answer", "simplerl_v0", "simplerl_v1",
 ]

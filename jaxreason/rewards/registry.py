@@ -2,19 +2,33 @@
 
 A reward function takes `(response, ground_truth)` and returns a float, or a dict of floats with
 the total under "reward" (as CS336's `r1_zero_reward_fn` does). `reward_value` reads either.
+
+What it receives (evaluation, GRPO, expert iteration, DPO self-pairs alike):
+- `response`: the completion's text only, decoded with special tokens kept and the end-of-turn /
+  eos / pad token text removed. Not the prompt, and not the format's thinking opener that ends
+  the prompt (s1's "<|im_start|>think\n", "<think>\n"); budget-forcing injections ("Wait", the
+  forced end of thinking and suffix) are part of it (`jaxreason.generation.decode`).
+- `ground_truth`: the row's answer (`answer`, else `solution`, else `ground_truth`), as it is
+  in the data (a str, number, list or dict).
+- the row's other columns, as keyword arguments, as TRL passes dataset columns: a function with a
+  `**kwargs` parameter gets every column, one with named extra parameters (`def score(response,
+  ground_truth, entry)`) gets the columns of those names (`call_reward`). So a task's own entry
+  can travel in its own column, and `answer` stays what the accuracy is computed from.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Union
 
 __all__ = [
   "RewardFn", "RewardOutput", "register_reward", "registered_rewards", "get_reward_fn", "reward_value",
-  "combine", "apply_reward",
+  "combine", "apply_reward", "call_reward",
 ]
 
 RewardOutput = Union[float, Mapping[str, float]]
@@ -95,6 +109,36 @@ def is_correct(out: RewardOutput) -> bool:
   return float(value) >= 1.0 - 1e-9
 
 
+@functools.lru_cache(maxsize=None)
+def _column_params(fn: Callable) -> tuple[tuple[str, ...], bool, tuple[str, ...]]:
+  """(named parameters after the first two, whether it takes **kwargs, the first two's names)."""
+  try:
+    params = list(inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError):  # a builtin without a signature: (response, ground_truth) only
+    return (), False, ()
+  positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+  first = tuple(p.name for p in positional[:2])
+  named = tuple(p.name for p in params if p.name not in first
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+  return named, any(p.kind == p.VAR_KEYWORD for p in params), first
+
+
+def call_reward(fn: RewardFn, response: str, ground_truth: Any, row: Mapping[str, Any] | None = None) -> RewardOutput:
+  """`fn(response, ground_truth, **columns)`: the row's columns that `fn` asks for by name, or all
+  of them when it takes `**kwargs` (see the module docstring); none for a two-argument function."""
+  if not row:
+    return fn(response, ground_truth)
+  try:
+    named, var_kw, first = _column_params(fn)
+  except TypeError:  # an unhashable callable
+    named, var_kw, first = _column_params.__wrapped__(fn)
+  if var_kw:
+    kwargs = {k: v for k, v in row.items() if isinstance(k, str) and k not in first}
+  else:
+    kwargs = {k: row[k] for k in named if k in row}
+  return fn(response, ground_truth, **kwargs)
+
+
 def combine(weights: Mapping[str | RewardFn, float]) -> RewardFn:
   """Weighted sum of reward functions: `combine({"r1_zero": 1.0, "mymod:length_penalty": 0.1})`.
 
@@ -111,11 +155,11 @@ def combine(weights: Mapping[str | RewardFn, float]) -> RewardFn:
   if len(set(names)) != len(names) or "reward" in names:
     raise ValueError(f"combine(): component names must be unique and not 'reward', got {names}")
 
-  def combined(response: str, ground_truth: Any) -> dict[str, float]:
+  def combined(response: str, ground_truth: Any, **columns: Any) -> dict[str, float]:
     out: dict[str, float] = {}
     total = 0.0
     for name, fn, weight in parts:
-      value = reward_value(fn(response, ground_truth))
+      value = reward_value(call_reward(fn, response, ground_truth, columns))
       out[name] = value
       total += weight * value
     out["reward"] = total
@@ -126,15 +170,21 @@ def combine(weights: Mapping[str | RewardFn, float]) -> RewardFn:
 
 
 def apply_reward(fn: str | RewardFn, responses: Sequence[str], ground_truths: Sequence[Any],
-                 num_threads: int | None = None) -> list[RewardOutput]:
-  """Scores many responses, in threads so that math-verify workers grade in parallel."""
+                 num_threads: int | None = None, rows: Sequence[Mapping[str, Any] | None] | None = None
+                 ) -> list[RewardOutput]:
+  """Scores many responses, in threads so that math-verify workers grade in parallel. `rows`: each
+  response's data row, whose columns `call_reward` passes on."""
   if len(responses) != len(ground_truths):
     raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+  if rows is not None and len(rows) != len(responses):
+    raise ValueError(f"{len(responses)} responses but {len(rows)} rows")
   fn = get_reward_fn(fn)
+  rows = [None] * len(responses) if rows is None else rows
+  one = lambda r, g, row: call_reward(fn, r, g, row)
   if num_threads is None:
     from jaxreason.rewards.math_equal import default_num_workers
     num_threads = default_num_workers()
   if num_threads <= 1 or len(responses) <= 1:
-    return [fn(r, g) for r, g in zip(responses, ground_truths)]
+    return [one(r, g, row) for r, g, row in zip(responses, ground_truths, rows)]
   with ThreadPoolExecutor(max_workers=num_threads) as pool:
-    return list(pool.map(fn, responses, ground_truths))
+    return list(pool.map(one, responses, ground_truths, rows))

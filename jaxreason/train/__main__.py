@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   maybe_initialize_distributed()
   from jaxreason.data.sources import DataError
-  from jaxreason.train.loop import Preempted, run
+  from jaxreason.algorithms.registry import run
+  from jaxreason.train.loop import Preempted
   try:
     run(cfg)
   except Preempted:

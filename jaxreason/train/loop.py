@@ -1,18 +1,21 @@
-"""The training loop shared by every algorithm: model, data, optimizer, checkpoints, logs.
+"""The algorithm-agnostic training harness: run setup, the one training loop (`fit`), final eval.
 
-`run(cfg)` builds (or resumes) the sharded train state and data iterator, runs the one jitted
-step per batch, logs, checkpoints asynchronously (params, optimizer state, step and data-iterator
-state), saves on SIGTERM (preemption) before exiting, and finally runs the configured evaluation.
-Resuming is automatic when `output_dir/checkpoints` holds a step.
+Every algorithm (`jaxreason.algorithms`) builds its run from these pieces: `setup_run` (run dir,
+tokenizer, model config, mesh, abstract model), `build_data`, `make_tx`, `restore_or_init`
+(resuming is automatic when `output_dir/checkpoints` holds a step), then `fit` runs its
+train step per step, logs, checkpoints asynchronously (params, optimizer state and the
+algorithm's train_meta), saves on SIGTERM (preemption) before exiting, and `with_final_eval` runs
+the configured evaluation. Extension points for run-wide checks: `Hook` / `DEFAULT_HOOKS`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +24,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxreason import sharding
+from jaxreason.config import EXECUTION_FIELDS
+from jaxreason.io_utils import write_jsonl
 from jaxreason.models.build import abstract_model, init_model
 from jaxreason.models.config import ModelConfig
-from jaxreason.train import metrics_log, optim
+from jaxreason.io_utils import atomic_dir
+from jaxreason.train import config_history, metrics_log, optim, run_lock
+from jaxreason.train.nan_guard import NanGuard
 from jaxreason.train.checkpointing import TrainCheckpointer
-from jaxreason.train.state import TrainState, init_train_state, state_shardings
-from jaxreason.train.step import jit_step, make_sft_step
-
-EXECUTION_FIELDS = ("dtype", "param_dtype", "attention_backend", "remat", "scan_layers")
-
+from jaxreason.train.state import TrainState, init_train_state
 
 class Preempted(Exception):
   pass
@@ -80,17 +83,8 @@ def initial_params(cfg, model_cfg: ModelConfig, mesh) -> dict:
 
 def materialize_task(spec: str, out_dir: str, name: str) -> str:
   """Writes a built-in task (`task:NAME[:k=v,...]`) as JSONL under `out_dir/data/` and returns the path."""
-  import json
   from jaxreason.data.tasks import load_task
-  rows = load_task(spec[len("task:"):])
-  path = os.path.join(out_dir, "data", f"{name}.jsonl")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{jax.process_index()}"
-  with open(tmp, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  os.replace(tmp, path)
-  return path
+  return write_jsonl(os.path.join(out_dir, "data", f"{name}.jsonl"), load_task(spec[len("task:"):]))
 
 
 def build_data(cfg, tokenizer):
@@ -109,6 +103,11 @@ def build_data(cfg, tokenizer):
       packing=cfg.data.packing, shuffle=cfg.data.shuffle, seed=cfg.seed, num_epochs=cfg.data.num_epochs,
       on_bad_row=cfg.data.on_bad_row, tag_weights=dict(cfg.data.tag_weights) or None,
       process_index=jax.process_index(), process_count=jax.process_count(), truncation=cfg.data.truncation)
+
+
+# Called once per run with the RunSetup, after config.yaml and tokenizer/ are written and before any
+# checkpoint is read or data built (e.g. a run lock, a config-history entry).
+RUN_START_HOOKS: list[Callable[["RunSetup"], None]] = []
 
 
 @dataclasses.dataclass
@@ -135,12 +134,10 @@ class RunSetup:
 
 def setup_run(cfg) -> RunSetup:
   """Writes config.yaml and tokenizer/ to the run dir; resolves the model config and the mesh."""
-  from jaxreason.io_utils import atomic_dir
-  from jaxreason.train import config_history, run_lock
   is_main = jax.process_index() == 0
   os.makedirs(cfg.output_dir, exist_ok=True)
-  run_lock.acquire(cfg.output_dir, jax.process_index())  # issue 16: one run per output_dir
-  config_history.record(cfg, is_main)  # issue 16: config.yaml + config.<step>.yaml; refuses inexact resumes
+  run_lock.acquire(cfg.output_dir, jax.process_index())  # one run per output_dir, on every host
+  config_history.record(cfg, is_main)  # config.yaml + config.<step>.yaml; refuses inexact resumes
   tokenizer = resolve_tokenizer(cfg)
   if is_main and not os.path.isdir(os.path.join(cfg.output_dir, "tokenizer")):
     with atomic_dir(os.path.join(cfg.output_dir, "tokenizer")) as tmp:
@@ -148,8 +145,11 @@ def setup_run(cfg) -> RunSetup:
   model_cfg = resolve_model_config(cfg, tokenizer)
   mesh = sharding.make_mesh(cfg.mesh)
   graphdef, abs_state = nnx.split(abstract_model(model_cfg))
-  return RunSetup(cfg=cfg, tokenizer=tokenizer, model_cfg=model_cfg, mesh=mesh, rules=sharding.TRAIN_RULES,
-                  graphdef=graphdef, abs_state=abs_state, is_main=is_main)
+  rs = RunSetup(cfg=cfg, tokenizer=tokenizer, model_cfg=model_cfg, mesh=mesh, rules=sharding.TRAIN_RULES,
+                graphdef=graphdef, abs_state=abs_state, is_main=is_main)
+  for hook in RUN_START_HOOKS:
+    hook(rs)
+  return rs
 
 
 def make_tx(cfg, abs_params: dict, total_steps: int):
@@ -225,122 +225,156 @@ class PreemptionGuard:
     return False
 
 
-def checkpoint_tick(cfg, step: int, total_steps: int, save: Callable, guard: PreemptionGuard, ckpt, logger) -> None:
-  """After a step: save every `checkpoint.every_steps` and at the end; on SIGTERM save, wait for
-  the write, and raise `Preempted` (the CLI exits 143; rerunning resumes)."""
-  if step % cfg.checkpoint.every_steps == 0 or step == total_steps:
-    save(step)
-  if guard.requested:
-    save(step, force=True)
-    ckpt.wait()
-    logger.message(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting (resume by rerunning)")
-    raise Preempted(step)
+# ----------------------------------------------------------------------------------------------
+# The one training loop.
 
 
-RUNNERS = {
-    "sft": "jaxreason.train.loop:run_sft",
-    "pretrain": "jaxreason.train.loop:run_sft",  # next-token loss on every token (data format pretrain_text)
-    "grpo": "jaxreason.train.grpo_trainer:run_grpo",
-    "dpo": "jaxreason.train.preference:run_dpo",
-    "reward_model": "jaxreason.train.preference:run_reward_model",
-    "expert_iteration": "jaxreason.train.expert_iteration:run_expert_iteration",
-}
+class Hook:
+  """Something `fit` calls at fixed points; override what you need (all no-ops here).
+
+  - `on_start(rs, state, start)`: before the first step of each `fit` (expert iteration calls
+    `fit` once per round; run-wide setup such as a run lock belongs in `RUN_START_HOOKS`).
+  - `after_step(step, state, metrics)`: after every dispatched step, before the checkpoint tick
+    (`metrics` are device arrays: fetching them waits for the step; e.g. a NaN guard that checks
+    every k steps and raises to stop before a bad checkpoint is written).
+  - `on_log(step, row)`: with each logged row (host floats).
+  - `on_end(step)`: when the loop ends, normally or not.
+  """
+
+  def on_start(self, rs: "RunSetup", state: TrainState, start: int) -> None: ...
+
+  def after_step(self, step: int, state: TrainState, metrics: dict) -> None: ...
+
+  def on_log(self, step: int, row: dict[str, float]) -> None: ...
+
+  def on_end(self, step: int) -> None: ...
 
 
-def run(cfg) -> dict[str, Any]:
-  """Trains according to `cfg` (a TrainConfig) with its algorithm's loop; returns final metrics (and eval)."""
-  import importlib
-  module, name = RUNNERS[cfg.algorithm].split(":")
-  try:
-    runner = getattr(importlib.import_module(module), name)
-  except (ImportError, AttributeError):
-    raise NotImplementedError(f"algorithm {cfg.algorithm!r} is not implemented yet") from None
-  return runner(cfg)
+# Hook factories (rs -> Hook) that every `fit` runs, after the ones passed in.
+DEFAULT_HOOKS: list[Callable[["RunSetup"], Hook]] = []
 
 
-def run_sft(cfg) -> dict[str, Any]:
-  """SFT / pre-training: one jitted step per batch of the Grain pipeline."""
-  rs = setup_run(cfg)
-  data = build_data(cfg, rs.tokenizer)
-  steps_per_epoch = max(1, int(data.steps_per_epoch))
-  total_steps = cfg.train.max_steps or data.num_batches
-  if total_steps > data.num_batches:
-    raise ValueError(f"train.max_steps ({total_steps}) is more than the data provides "
-                     f"({data.num_batches} batches in {cfg.data.num_epochs} epoch(s)); raise data.num_epochs")
-  data_iter = iter(data)
-  tx, schedule = make_tx(cfg, rs.abs_params, total_steps)
-  shardings = state_shardings(rs.abs_state, tx, rs.mesh, rs.rules)
-  ckpt = make_checkpointer(cfg)
-  state, meta = restore_or_init(rs, tx, shardings, ckpt)
-  start = 0
-  if meta is not None:
-    data_iter.set_state(meta["data_state"])
-    start = int(meta["step"])
+@dataclasses.dataclass
+class StepOutput:
+  """What one training step gives back to `fit`.
 
-  gbs, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size or cfg.train.global_batch_size
-  accum = gbs // micro
-  batch_sharding = NamedSharding(rs.mesh, PartitionSpec(None, ("data", "fsdp"), None))
-  from jaxreason.train import nan_guard
-  step_fn = jit_step(nan_guard.guard_step(make_sft_step(rs.graphdef, tx, schedule,  # issue 16: NaN guard
-                                                        normalization=cfg.train.loss_normalization)),
-                     shardings, batch_sharding)
-  nans = nan_guard.NanGuard.from_config(cfg)
+  metrics: device (or host) scalars, fetched only at log points; tokens: tokens this step trained
+  on, for tokens_per_sec (None: no throughput keys); host: host floats logged as they are.
+  """
 
-  logger = make_logger(rs, total_steps, start)
-  heldout_eval = None
-  if getattr(data, "eval_every", 0):  # token streams: held-out perplexity (train/heldout.py)
-    from jaxreason.train.heldout import make_heldout_eval
-    heldout_eval = make_heldout_eval(rs, data, batch_sharding)
-  if rs.is_main:
-    stats = {k: v for k, v in data.stats.items() if isinstance(v, (int, float))}
-    logger.message(f"model: {rs.model_cfg.model_type}, {rs.model_cfg.num_params() / 1e6:.2f}M params; mesh "
-                   f"{dict(rs.mesh.shape)}; {total_steps} steps ({steps_per_epoch}/epoch), global batch "
-                   f"{gbs} x {cfg.data.seq_len} tokens, {accum} micro-batch(es)"
-                   + (f"; resumed at step {start}" if start else ""))
-    if stats:
-      logger.message("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
-  fpt = metrics_log.flops_per_token(rs.model_cfg, cfg.data.seq_len)
-  peak = metrics_log.peak_flops_per_device(rs.model_cfg.dtype)
-  peak_total = peak if jax.default_backend() == "cpu" else peak * jax.device_count()
+  state: TrainState
+  metrics: dict[str, Any]
+  tokens: float | None = None
+  host: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class _Progress:
+  """Advances the progress bar by COMPLETED steps (a step counts once its metrics are ready), not
+  by dispatched ones: with asynchronous dispatch the host runs ahead of the device."""
+
+  def __init__(self, logger):
+    self.logger, self.pending = logger, []
+
+  def dispatched(self, metrics: dict) -> None:
+    leaves = [x for x in jax.tree.leaves(metrics) if isinstance(x, jax.Array)]
+    self.pending.append(leaves[0] if leaves else None)
+    self.poll()
+
+  def poll(self) -> None:
+    done = 0
+    while self.pending and (self.pending[0] is None or self.pending[0].is_ready()):
+      self.pending.pop(0)
+      done += 1
+    if done:
+      self.logger.advance(done)
+
+  def flush(self) -> None:  # after a blocking fetch: everything dispatched has completed
+    if self.pending:
+      self.logger.advance(len(self.pending))
+      self.pending = []
+
+
+def fit(rs: "RunSetup", state: TrainState, *, start: int, total_steps: int,
+        train_step: Callable[[TrainState, int], StepOutput], save_meta: Callable[[int], dict], ckpt: TrainCheckpointer,
+        logger: metrics_log.MetricsLogger, log_extra: Callable[[int, dict], dict] | None = None,
+        guard: "PreemptionGuard | None" = None, extra_items: dict | None = None, save_at_end: bool = True,
+        log_first: bool = False, hooks: Sequence[Hook] = ()) -> tuple[TrainState, int, dict]:
+  """Runs steps start+1 .. total_steps -> (state, final step, last logged row). The one loop.
+
+  train_step(state, step) runs step `step + 1` (build or fetch its batch, run the jitted update
+  inside `sharding.use_mesh`).
+  Every `train.log_every` steps (and at the last step, and the first with `log_first`) the step's
+  metrics are fetched and logged with `tokens_per_sec` / `step_time` over the window since the
+  last log and whatever `log_extra(step, row)` adds. After each step: `checkpoint.every_steps`
+  saves (and one at total_steps when `save_at_end`), and on SIGTERM a forced save, a wait for the
+  write and `Preempted`. Checkpoints carry `save_meta(step)` as their train_meta. `guard`: an
+  outer PreemptionGuard (when the caller spans more than this loop, e.g. rollouts between fits);
+  otherwise fit installs its own. The caller owns (and closes) `ckpt` and `logger`.
+  """
+  cfg = rs.cfg
+  hooks = list(hooks) + [make(rs) for make in DEFAULT_HOOKS]
+  progress = _Progress(logger)
+  holder = {"state": state}
+
+  nans = NanGuard.from_config(cfg)  # the jitted step skips non-finite updates (train.step.jit_step)
 
   def save(step: int, force: bool = False):
-    nans.check()  # issue 16: stop (exit 3) before saving after too many non-finite steps
-    meta = {"step": step, "data_state": data_iter.get_state(), "seed": cfg.seed, "total_steps": total_steps}
-    ckpt.save(step, state, rs.model_cfg, meta, force=force)
+    nans.check()  # stops (exit 3) before saving after too many non-finite steps in a row
+    ckpt.save(step, holder["state"], rs.model_cfg, save_meta(step), force=force, extra=extra_items)
 
-  last_metrics: dict[str, Any] = {}
+  for h in hooks:
+    h.on_start(rs, state, start)
+  last: dict[str, Any] = {}
   window_tokens, window_start, window_step = 0.0, time.perf_counter(), start
   step = start
+  own_guard = PreemptionGuard(cfg.checkpoint.save_on_preemption) if guard is None else contextlib.nullcontext(guard)
   try:
-    with PreemptionGuard(cfg.checkpoint.save_on_preemption) as guard:
+    with own_guard as g:
       while step < total_steps:
-        local = next(data_iter)
-        window_tokens += float(np.count_nonzero(np.asarray(local["segments"]))) * jax.process_count()
-        batch = global_batch(local, accum, gbs, batch_sharding)
-        with sharding.use_mesh(rs.mesh, rs.rules):
-          state, metrics = step_fn(state, batch)
+        out = train_step(holder["state"], step)
+        holder["state"] = out.state
         step += 1
-        nans.observe(step, metrics)
-        logger.advance()
-        if step % cfg.train.log_every == 0 or step == total_steps:
-          metrics = jax.device_get(metrics)
+        if out.tokens is not None:
+          window_tokens += out.tokens
+        progress.dispatched(out.metrics)
+        nans.observe(step, out.metrics)
+        for h in hooks:
+          h.after_step(step, out.state, out.metrics)
+        if step % cfg.train.log_every == 0 or step == total_steps or (log_first and step == start + 1):
+          metrics = jax.device_get(out.metrics)  # waits for the step: the window's time includes it
+          progress.flush()
           nans.check()
           elapsed = time.perf_counter() - window_start
-          steps_in_window = step - window_step
-          tps = window_tokens / max(elapsed, 1e-9)
-          last_metrics = {**{k: float(v) for k, v in metrics.items()}, "tokens_per_sec": tps,
-                          "step_time": elapsed / max(1, steps_in_window), "mfu": tps * fpt / peak_total,
-                          "epoch": step / steps_per_epoch}
-          if heldout_eval is not None and (step % data.eval_every == 0 or step == total_steps):
-            last_metrics.update(heldout_eval(state.params))  # at log steps only (eval_every: a multiple of log_every)
-          logger.log(step, last_metrics)
+          row = {**{k: float(v) for k, v in metrics.items()}, **out.host}
+          if out.tokens is not None:
+            row.update(tokens_per_sec=window_tokens / max(elapsed, 1e-9),
+                       step_time=elapsed / max(1, step - window_step))
+          if log_extra is not None:
+            row.update(log_extra(step, row))
+          logger.log(step, row)
+          for h in hooks:
+            h.on_log(step, row)
+          last = row
           window_tokens, window_start, window_step = 0.0, time.perf_counter(), step
-        checkpoint_tick(cfg, step, total_steps, save, guard, ckpt, logger)
+        if step == total_steps:  # at the end: saved here, or by the caller (save_at_end=False)
+          if save_at_end:
+            save(step)
+        elif step % cfg.checkpoint.every_steps == 0:
+          save(step)
+        if g.requested:
+          save(step, force=True)
+          ckpt.wait()
+          logger.message(f"SIGTERM: saved step {step} to {ckpt.directory}; exiting (resume by rerunning)")
+          raise Preempted(step)
   finally:
-    ckpt.close()
-    logger.close()
+    progress.flush()
+    for h in hooks:
+      h.on_end(step)
+  return holder["state"], step, last
 
-  result: dict[str, Any] = {"final_step": step, "metrics": last_metrics}
+
+def with_final_eval(cfg, result: dict[str, Any]) -> dict[str, Any]:
+  """The run's result, plus the configured final evaluation (`eval:`) when there is one."""
   if cfg.eval is not None:
     result["eval"] = run_final_eval(cfg)
   return result
@@ -367,7 +401,6 @@ def _training_question_files(run_dir: str, init_from: str | None, depth: int = 0
 def held_out(cfg) -> str:
   """The eval data; a built-in task is written to a file without the questions seen in training
   (by this run, or by the runs it was initialised from)."""
-  import json
   e = cfg.eval
   if not e.data.startswith("task:"):
     return e.data
@@ -380,17 +413,14 @@ def held_out(cfg) -> str:
     if not s.path.startswith("task:") and os.path.exists(s.path):
       seen.update(str(r.get("question")) for r in read_rows(s.path))
   rows = [r for r in load_task(e.data[len("task:"):]) if str(r["question"]) not in seen]
-  path = os.path.join(cfg.output_dir, "data", "eval.jsonl")
-  from jaxreason.io_utils import atomic_write_text
-  atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-  return path
+  return write_jsonl(os.path.join(cfg.output_dir, "data", "eval.jsonl"), rows)
 
 
 def run_final_eval(cfg) -> dict:
+  """`python -m jaxreason.eval` on the run's final checkpoint, with the `eval:` section's settings
+  (every EvalSection field is an EvalConfig field of the same name)."""
   from jaxreason.eval.run import EvalConfig, run_eval
-  e = cfg.eval
-  ecfg = EvalConfig(model=cfg.output_dir, data=held_out(cfg), out=os.path.join(cfg.output_dir, "eval"), format=e.format,
-                    budgets=tuple(e.budgets), num_waits=e.num_waits, n=e.n, temperature=e.temperature,
-                    max_new_tokens=e.max_new_tokens, max_answer_tokens=e.max_answer_tokens, limit=e.limit,
-                    batch_size=e.batch_size, seed=cfg.seed)
+  section = {f.name: getattr(cfg.eval, f.name) for f in dataclasses.fields(cfg.eval)}
+  ecfg = EvalConfig(**{**section, "model": cfg.output_dir, "data": held_out(cfg),
+                       "out": os.path.join(cfg.output_dir, "eval"), "seed": cfg.seed})
   return run_eval(ecfg)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from jaxreason.algorithms.pairs import make_pair_step
+
 
 def last_token_index(mask: Int[Array, "B T"]) -> Int[Array, "B"]:
   """Index of each row's last non-pad position (mask or segment ids, > 0 = real token); 0 if none."""
@@ -135,3 +137,12 @@ def load_scorer(path: str, *, batch_size: int = 32, max_len: int | None = None, 
     return out
 
   return score
+
+
+def make_reward_model_step(graphdef, tx, schedule, *, center_coef: float = 0.0):
+  """step(state, batch) -> (state, metrics); params = decoder + SCORE_HEAD (see `algorithms.pairs`)."""
+  def mean_loss(params, mb):
+    scores = pair_scores(graphdef, params, mb)  # [P, 2]
+    return pairwise_loss(scores[:, 0], scores[:, 1], center_coef=center_coef)
+
+  return make_pair_step(tx, schedule, mean_loss)

@@ -3,11 +3,14 @@
 Each of `expert_iteration.rounds` rounds: sample `rollout.num_generations` completions for
 `questions_per_round` questions from the current policy, keep the verified-correct ones (distinct
 completions per question), write them as prompt/response rows to output_dir/data/ei_round{r}.jsonl
-and run SFT on them for `epochs_per_round` epochs (the same jitted SFT step as `algorithm: sft`,
-completion-only loss). One train state and optimizer carry across rounds; the learning-rate
-schedule spans an upper bound of the optimizer steps (every completion kept). The kept fraction
-and accuracy of every round are logged. Checkpoints record the round, the SFT data position and
-the question stream, so a preempted run resumes where it stopped.
+and run SFT on them for `epochs_per_round` epochs (the same SFT train step as `algorithm: sft`,
+completion-only loss, through the same `train.loop.fit`). One train state and optimizer carry
+across rounds; the learning-rate schedule spans an upper bound of the optimizer steps (every
+completion kept). metrics.jsonl has one row per round (kept fraction, accuracy, mean SFT loss);
+the SFT steps inside a round are logged every `train.log_every` steps to
+output_dir/sft/metrics.jsonl. Checkpoints are written every `checkpoint.every_steps` SFT steps
+(recording the round, the SFT data position and the question stream, so a preempted run resumes
+mid-round where it stopped) and at the end of every round.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import jax
 import numpy as np
 
 from jaxreason import sharding
+from jaxreason.algorithms.sft.loss import make_sft_step
 from jaxreason.data.pipeline import build_train_batches
-from jaxreason.train.loop import (Preempted, PreemptionGuard, global_batch, make_checkpointer, make_logger, make_tx,
-                                  restore_or_init, row_shardings, run_final_eval, setup_run)
-from jaxreason.train.rollout import QuestionStream, Rewards, RolloutSampler, load_questions
+from jaxreason.io_utils import write_jsonl
+from jaxreason.rollout import QuestionStream, Rewards, RolloutSampler, load_questions
+from jaxreason.train import metrics_log
+from jaxreason.train.loop import (PreemptionGuard, StepOutput, fit, global_batch, make_checkpointer, make_logger,
+                                  make_tx, restore_or_init, row_shardings, setup_run, with_final_eval)
 from jaxreason.train.state import state_shardings
-from jaxreason.train.step import jit_step, make_sft_step
+from jaxreason.train.step import jit_step
 
 
 def _kept_rows(c, correct: np.ndarray) -> list[dict]:
@@ -65,16 +71,17 @@ def run_expert_iteration(cfg) -> dict[str, Any]:
   step = int(meta["step"])
 
   batch_sharding = row_shardings(rs.mesh, {k: 3 for k in ("inputs", "targets", "weights", "positions", "segments")})
-  from jaxreason.train import nan_guard
-  step_fn = jit_step(nan_guard.guard_step(make_sft_step(rs.graphdef, tx, schedule,  # issue 16
-                                                        normalization=cfg.train.loss_normalization)),
+  step_fn = jit_step(make_sft_step(rs.graphdef, tx, schedule, normalization=cfg.train.loss_normalization),
                      shardings, batch_sharding)
-  nans = nan_guard.NanGuard.from_config(cfg)
   roller = RolloutSampler(rs.graphdef, rs.abs_state, rs.model_cfg, rs.mesh, tok, rc)
-  rewards = Rewards({ec.reward: 1.0} if ec.reward else {}, rc.format)
+  rewards = Rewards({ec.reward: 1.0} if ec.reward else {}, rc.format, rc.accuracy_reward)
   verifier = ec.reward or rewards.verifier_name
 
   logger = make_logger(rs, ec.rounds, int(meta["round"]))
+  lc = cfg.logging
+  os.makedirs(os.path.join(rs.out, "sft"), exist_ok=True)
+  sft_logger = metrics_log.MetricsLogger(os.path.join(rs.out, "sft"), total_steps=total_steps, start_step=step,
+                                         tensorboard=lc.tensorboard, progress_bar=False, is_main=rs.is_main)
   if rs.is_main:
     logger.message(f"expert iteration: {ec.rounds} rounds x {ec.questions_per_round} questions x "
                    f"{rc.num_generations} samples, verifier {verifier}, {ec.epochs_per_round} SFT epoch(s) per round"
@@ -93,11 +100,7 @@ def run_expert_iteration(cfg) -> dict[str, Any]:
           correct = graded["reward" if ec.reward else "correct"] >= 1.0 - 1e-9
           rows = _kept_rows(c, correct)
           if rs.is_main:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-              for row in rows:
-                f.write(json.dumps(row) + "\n")
-            os.replace(path + ".tmp", path)
+            write_jsonl(path, rows)
           info = {"round": r + 1, "kept_fraction": float(correct.mean()), "kept": len(rows),
                   "accuracy": float(graded["correct"].mean()),
                   "completion_length": float(np.mean([len(t) for t in c.output.tokens])),
@@ -119,39 +122,36 @@ def run_expert_iteration(cfg) -> dict[str, Any]:
         if resumed_mid_round:
           it.set_state(meta["round_data_state"])
           done = int(meta.get("round_step", 0))
+        round_start = step - done  # the global step at which this round's SFT began
         losses = []
-        for _ in range(done, data.num_batches):
-          batch = global_batch(next(it), accum, gbs, batch_sharding)
+
+        def train_step(state, step: int) -> StepOutput:
+          local = next(it)
+          tokens = float(np.count_nonzero(np.asarray(local["segments"]))) * jax.process_count()
+          batch = global_batch(local, accum, gbs, batch_sharding)
           with sharding.use_mesh(rs.mesh, rs.rules):
             state, m = step_fn(state, batch)
           losses.append(m["loss"])
-          nans.observe(step + 1, m)
-          step += 1
-          done += 1
-          if guard.requested:
-            _save(ckpt, state, rs, step, r, it.get_state(), done, stream)
-            ckpt.wait()
-            logger.message(f"SIGTERM: saved step {step} (round {r + 1}) to {ckpt.directory}; exiting")
-            raise Preempted(step)
-        nans.check()  # issue 16: before the round's save
+          return StepOutput(state, m, tokens=tokens, host={"round": r + 1})
+
+        def save_meta(step: int, r=r, it=it, round_start=round_start) -> dict:  # a mid-round checkpoint
+          return {"step": step, "round": r, "round_data_state": it.get_state(), "round_step": step - round_start,
+                  "stream_position": stream.position}
+
+        state, step, _ = fit(rs, state, start=step, total_steps=round_start + data.num_batches,
+                             train_step=train_step, save_meta=save_meta, ckpt=ckpt, logger=sft_logger, guard=guard,
+                             save_at_end=False)
+        done = step - round_start
         info.update(sft_steps=done, sft_loss=float(np.mean(jax.device_get(losses))) if losses else float("nan"),
                     step=step, lr=float(schedule(step)))
         logger.advance()
         logger.log(r + 1, info)
         rounds_log.append(info)
         meta = {"round_data_state": None}
-        _save(ckpt, state, rs, step, r + 1, None, 0, stream)
+        ckpt.save(step, state, rs.model_cfg, {"step": step, "round": r + 1, "round_data_state": None,
+                                              "round_step": 0, "stream_position": stream.position}, force=True)
   finally:
     ckpt.close()
+    sft_logger.close()
     logger.close()
-
-  result: dict[str, Any] = {"final_step": step, "rounds": rounds_log}
-  if cfg.eval is not None:
-    result["eval"] = run_final_eval(cfg)
-  return result
-
-
-def _save(ckpt, state, rs, step: int, round_: int, data_state, round_step: int, stream: QuestionStream) -> None:
-  meta = {"step": step, "round": round_, "round_data_state": data_state, "round_step": round_step,
-          "stream_position": stream.position}
-  ckpt.save(step, state, rs.model_cfg, meta, force=True)
+  return with_final_eval(cfg, {"final_step": step, "rounds": rounds_log})

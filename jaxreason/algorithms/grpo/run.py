@@ -28,113 +28,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxreason import sharding
-from jaxreason.ops.logprobs import token_logprobs
-from jaxreason.train import grpo as grpo_lib
-from jaxreason.train.loop import (PreemptionGuard, RunSetup, checkpoint_tick, global_batch, initial_params,
-                                  make_checkpointer, make_logger, make_tx, restore_or_init, row_shardings,
-                                  run_final_eval, setup_run)
-from jaxreason.train.rollout import Completions, QuestionStream, Rewards, RolloutSampler, load_questions
-from jaxreason.train.state import TrainState, state_shardings
+from jaxreason.algorithms.grpo import loss as grpo_lib
+from jaxreason.algorithms.grpo.loss import make_grpo_step, make_ref_scorer
+from jaxreason.rollout import Completions, QuestionStream, Rewards, RolloutSampler, load_questions
+from jaxreason.train.loop import (RunSetup, StepOutput, fit, global_batch, initial_params, make_checkpointer,
+                                  make_logger, make_tx, restore_or_init, row_shardings, setup_run, with_final_eval)
+from jaxreason.train.state import state_shardings
 from jaxreason.train.step import jit_step
-
-sg = jax.lax.stop_gradient
-
-
-# ------------------------------------------------------------------------------------- the step
-def grpo_normalizers(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Counts over the whole optimizer batch ([N, T] rows): completion tokens and sequences."""
-  return {"tokens": jnp.maximum(jnp.sum(batch["mask"]), 1.0),
-          "sequences": jnp.maximum(jnp.sum(batch["valid"]), 1.0)}
-
-
-def grpo_micro_loss(model, mb: dict[str, jax.Array], norms: dict[str, jax.Array], gcfg, *, temperature: float,
-                    max_completion_length: int, on_policy: bool, chunk: int = 512):
-  """One micro-batch's share of the optimizer batch's loss (summing micro-batches gives the loss).
-
-  Returns (loss, sums) where sums are token-weighted metric sums (divided by the batch's tokens
-  after accumulation).
-  """
-  hidden, _ = model.hidden_states(mb["inputs"], mb["positions"], mb["segments"])
-  logp, entropy = token_logprobs(hidden, model.unembedding(), mb["targets"], chunk=chunk, temperature=temperature,
-                                 with_entropy=True)
-  mask = mb["mask"]
-  old = sg(logp) if on_policy else mb["old_logp"]
-  b = mask.shape[0]
-  kind = gcfg.loss_type
-  kwargs = dict(eps_low=gcfg.eps_low, eps_high=gcfg.eps_high, beta=gcfg.beta, ref_logp=mb.get("ref_logp"),
-                importance_sampling_level=gcfg.importance_sampling_level, entropy=entropy,
-                entropy_coef=gcfg.entropy_coef)
-  if kind in ("bnpo", "dapo"):  # sum over the batch's tokens / its token count
-    loss, m = grpo_lib.policy_loss(logp, old, mb["adv"], mask, loss_type="dapo", num_items_in_batch=norms["tokens"],
-                                   **kwargs)
-  elif kind == "grpo":  # mean over this micro-batch's sequences, reweighted to the batch's
-    loss, m = grpo_lib.policy_loss(logp, old, mb["adv"], mask, loss_type="grpo", **kwargs)
-    loss = loss * b / norms["sequences"]
-  else:  # dr_grpo: sum / (B * max_completion_length)
-    loss, m = grpo_lib.policy_loss(logp, old, mb["adv"], mask, loss_type="dr_grpo",
-                                   max_completion_length=max_completion_length, **kwargs)
-    loss = loss * b / norms["sequences"]
-  tokens = jnp.sum(mask)
-  sums = {k: v * jnp.maximum(tokens, 1.0) for k, v in m.items()}  # metrics are means over these tokens
-  sums["sampler_logp_diff"] = jnp.sum(jnp.abs(sg(logp) - mb["old_logp"]) * mask)
-  return loss, sums
-
-
-def make_grpo_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, gcfg, *,
-                   temperature: float, max_completion_length: int):
-  on_policy = gcfg.num_iterations == 1
-
-  def step(state: TrainState, batch: dict[str, jax.Array]):
-    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
-    norms = grpo_normalizers(flat)
-
-    def micro(carry, mb):
-      grads_acc, loss_acc, sums_acc = carry
-
-      def loss_fn(params):
-        model = nnx.merge(graphdef, params)
-        return grpo_micro_loss(model, mb, norms, gcfg, temperature=temperature,
-                               max_completion_length=max_completion_length, on_policy=on_policy)
-
-      (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-      sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
-      return (grads_acc, loss_acc + loss, sums_acc), None
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    first = jax.tree.map(lambda x: x[0], batch)
-    sums_shape = jax.eval_shape(
-        lambda p: grpo_micro_loss(nnx.merge(graphdef, p), first, norms, gcfg, temperature=temperature,
-                                  max_completion_length=max_completion_length, on_policy=on_policy)[1], state.params)
-    sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
-    (grads, loss, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), sums0), batch)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {k: v / norms["tokens"] for k, v in sums.items()}
-    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step),
-                   completion_tokens=jnp.sum(flat["mask"]))
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  return step
-
-
-def make_ref_scorer(graphdef, temperature: float, chunk: int = 512):
-  """Jitted reference log-probs of rows [N, T] (no gradient), scored in micro-batches [A, B, T]."""
-
-  @jax.jit
-  def score(params, batch):
-    def one(_, mb):
-      model = nnx.merge(graphdef, params)
-      hidden, _ = model.hidden_states(mb["inputs"], mb["positions"], mb["segments"])
-      return None, token_logprobs(hidden, model.unembedding(), mb["targets"], chunk=chunk, temperature=temperature)
-    return jax.lax.scan(one, None, batch)[1]
-
-  return score
 
 
 # ------------------------------------------------------------------------------------ the rows
@@ -314,12 +217,10 @@ def run_grpo(cfg) -> dict[str, Any]:
   ranks = {k: 3 for k in ("inputs", "targets", "positions", "segments", "mask", "old_logp")}
   ranks.update(adv=2, valid=2, **({"ref_logp": 3} if gc.beta > 0 else {}))
   batch_sharding = row_shardings(rs.mesh, ranks)
-  from jaxreason.train import nan_guard
-  step_fn = jit_step(nan_guard.guard_step(make_grpo_step(rs.graphdef, tx, schedule, gc, temperature=rc.temperature,  # issue 16
-                                                         max_completion_length=rc.max_new_tokens)), shardings, batch_sharding)
-  nans = nan_guard.NanGuard.from_config(cfg)
+  step_fn = jit_step(make_grpo_step(rs.graphdef, tx, schedule, gc, temperature=rc.temperature,
+                                    max_completion_length=rc.max_new_tokens), shardings, batch_sharding)
   roller = RolloutSampler(rs.graphdef, rs.abs_state, rs.model_cfg, rs.mesh, tok, rc)
-  rewards = Rewards(gc.rewards, rc.format)
+  rewards = Rewards(gc.rewards, rc.format, rc.accuracy_reward)
 
   logger = make_logger(rs, total_steps, start)
   if rs.is_main:
@@ -332,61 +233,50 @@ def run_grpo(cfg) -> dict[str, Any]:
   samples_path = os.path.join(rs.out, "rollouts.jsonl")
   proc, nproc = jax.process_index(), jax.process_count()
 
-  def save(step: int, force: bool = False):
-    nans.check()  # issue 16
-    meta = {"step": step, "stream_position": stream.position, "seed": cfg.seed, "total_steps": total_steps}
-    ckpt.save(step, state, rs.model_cfg, meta, force=force)
+  def train_step(state, step: int) -> StepOutput:
+    """One GRPO step: rollouts from the current weights, then the optimizer updates on them."""
+    t0 = time.perf_counter()
+    roller.set_params(state.params)
+    ro = collect(roller, rewards, stream, cfg, step)
+    rows, metrics, samples = rollout_batch(ro, cfg, seq_len, tok.pad_token_id or 0)
+    t1 = time.perf_counter()
+    if ref_score is not None:
+      rows["ref_logp"] = _score_rows(ref_score, ref_params, rows, micro, rs)
+    perm = np.random.default_rng([cfg.seed, step]).permutation(n_rollout)
+    update_metrics, train_tokens = [], 0
+    for it in range(gc.num_iterations):
+      order = perm if it == 0 else np.random.default_rng([cfg.seed, step, it]).permutation(n_rollout)
+      for u in range(n_rollout // gbs):
+        sel = order[u * gbs:(u + 1) * gbs]
+        per = gbs // nproc
+        local = {k: v[sel][proc * per:(proc + 1) * per] for k, v in rows.items()}
+        train_tokens += int(rows["segments"][sel].astype(bool).sum())
+        batch = global_batch(local, accum, gbs, batch_sharding)
+        with sharding.use_mesh(rs.mesh, rs.rules):
+          state, m = step_fn(state, batch)
+        update_metrics.append(m)
+    update_metrics = jax.device_get(update_metrics)
+    t2 = time.perf_counter()
+    for k in update_metrics[0]:
+      metrics[k] = float(np.mean([float(m[k]) for m in update_metrics]))
+    metrics.update({"time_rollout": t1 - t0, "time_update": t2 - t1,
+                    "rollout_tokens_per_sec": ro.stats["rollout/tokens"] / max(t1 - t0, 1e-9),
+                    "train_tokens_per_sec": train_tokens / max(t2 - t1, 1e-9), "epoch": stream.epoch})
+    done = step + 1
+    if rs.is_main and gc.log_samples_every and (done % gc.log_samples_every == 0 or done == start + 1):
+      _log_samples(samples_path, done, samples, logger)
+    return StepOutput(state, metrics)
 
-  last: dict[str, Any] = {}
-  step = start
+  def save_meta(step: int) -> dict:
+    return {"step": step, "stream_position": stream.position, "seed": cfg.seed, "total_steps": total_steps}
+
   try:
-    with PreemptionGuard(cfg.checkpoint.save_on_preemption) as guard:
-      while step < total_steps:
-        t0 = time.perf_counter()
-        roller.set_params(state.params)
-        ro = collect(roller, rewards, stream, cfg, step)
-        rows, metrics, samples = rollout_batch(ro, cfg, seq_len, tok.pad_token_id or 0)
-        t1 = time.perf_counter()
-        if ref_score is not None:
-          rows["ref_logp"] = _score_rows(ref_score, ref_params, rows, micro, rs)
-        perm = np.random.default_rng([cfg.seed, step]).permutation(n_rollout)
-        update_metrics, train_tokens = [], 0
-        for it in range(gc.num_iterations):
-          order = perm if it == 0 else np.random.default_rng([cfg.seed, step, it]).permutation(n_rollout)
-          for u in range(n_rollout // gbs):
-            sel = order[u * gbs:(u + 1) * gbs]
-            per = gbs // nproc
-            local = {k: v[sel][proc * per:(proc + 1) * per] for k, v in rows.items()}
-            train_tokens += int(rows["segments"][sel].astype(bool).sum())
-            batch = global_batch(local, accum, gbs, batch_sharding)
-            with sharding.use_mesh(rs.mesh, rs.rules):
-              state, m = step_fn(state, batch)
-            update_metrics.append(m)
-            nans.observe(step + 1, m)  # issue 16
-        update_metrics = jax.device_get(update_metrics)
-        nans.check()
-        t2 = time.perf_counter()
-        step += 1
-        logger.advance()
-        for k in update_metrics[0]:
-          metrics[k] = float(np.mean([float(m[k]) for m in update_metrics]))
-        metrics.update({"time_rollout": t1 - t0, "time_update": t2 - t1,
-                        "rollout_tokens_per_sec": ro.stats["rollout/tokens"] / max(t1 - t0, 1e-9),
-                        "train_tokens_per_sec": train_tokens / max(t2 - t1, 1e-9), "epoch": stream.epoch})
-        last = metrics
-        if step % cfg.train.log_every == 0 or step == total_steps or step == start + 1:
-          logger.log(step, metrics)
-        if rs.is_main and gc.log_samples_every and (step % gc.log_samples_every == 0 or step == start + 1):
-          _log_samples(samples_path, step, samples, logger)
-        checkpoint_tick(cfg, step, total_steps, save, guard, ckpt, logger)
+    _, step, last = fit(rs, state, start=start, total_steps=total_steps, train_step=train_step, save_meta=save_meta,
+                        ckpt=ckpt, logger=logger, log_first=True)
   finally:
     ckpt.close()
     logger.close()
-
-  result: dict[str, Any] = {"final_step": step, "metrics": last}
-  if cfg.eval is not None:
-    result["eval"] = run_final_eval(cfg)
-  return result
+  return with_final_eval(cfg, {"final_step": step, "metrics": last})
 
 
 def _score_rows(score, params, rows: dict[str, np.ndarray], micro: int, rs: RunSetup) -> np.ndarray:
@@ -396,7 +286,6 @@ def _score_rows(score, params, rows: dict[str, np.ndarray], micro: int, rs: RunS
   with sharding.use_mesh(rs.mesh, rs.rules):
     out = score(params, batch)
   if jax.process_count() > 1:  # the rows are the same on every process: gather the whole result
-    from jax.experimental import multihost_utils
     out = multihost_utils.process_allgather(out, tiled=True)
   return np.asarray(jax.device_get(out)).reshape(n, t)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxreason import sharding
-from jaxreason.train import sft
+from jaxreason.algorithms.sft import loss as sft
 
 
 def make_heldout_eval(rs, data, batch_sharding):

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxreason.ops.logprobs import token_logprobs
+from jaxreason.train.step import make_train_step
 
 
 def normalizers(weights: jax.Array, segments: jax.Array) -> dict[str, jax.Array]:
@@ -55,3 +57,18 @@ def sft_loss_terms(model, batch: dict[str, jax.Array], *, normalization: str, no
   trained = (w > 0).astype(jnp.float32)
   aux = {"nll_sum": jnp.sum(-logp * trained), "tokens": jnp.sum(trained)}
   return loss, aux
+
+
+def make_sft_step(graphdef, tx, schedule, *, normalization: str = "token", chunk: int = 512):
+  """`train.step.make_train_step` with the SFT loss: step(state, batch [A, B, T]) -> (state, metrics)."""
+
+  def loss_fn(params, mb, norms):
+    loss, aux = sft_loss_terms(nnx.merge(graphdef, params), mb, normalization=normalization, norms=norms, chunk=chunk)
+    return loss, {"nll_sum": aux["nll_sum"]}
+
+  def metrics_fn(sums, norms, flat):
+    return {"nll_per_token": sums["nll_sum"] / jnp.maximum(norms["tokens"], 1.0), "trained_tokens": norms["tokens"],
+            "tokens": jnp.sum(flat["segments"] > 0).astype(jnp.float32)}
+
+  return make_train_step(tx, schedule, loss_fn, lambda flat: normalizers(flat["weights"], flat["segments"]),
+                         metrics_fn)

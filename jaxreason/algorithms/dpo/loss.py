@@ -6,19 +6,23 @@ Delta = (logpi(y_w) - logref(y_w)) - (logpi(y_l) - logref(y_l)) and label smooth
   hinge:   relu(1 - beta Delta)
   ipo:     (Delta - 1 / (2 beta))^2 on length-averaged log-probs
   robust:  [-(1 - s) logsigmoid(beta Delta) + s logsigmoid(-beta Delta)] / (1 - 2 s)
-averaged over the batch. As in TRL, for IPO the implicit-reward metrics also use the
-length-averaged log-probs. Reference log-probs never carry gradient.
+averaged over the batch. For IPO, `rewards/*` (chosen, rejected, accuracy, margin) use the
+length-averaged log-probs, as the loss does; TRL 1.16 logs them from the summed log-ratios, which
+are logged as `rewards_summed/*` (chosen, rejected, margin). Reference log-probs never carry gradient.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jaxtyping import Array, Float
 
+from jaxreason.algorithms.dpo import config
+from jaxreason.algorithms.pairs import make_pair_step
 from jaxreason.ops.logprobs import token_logprobs
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+LOSS_TYPES = config.LOSS_TYPES
 
 
 def sequence_logps(token_logp: Float[Array, "B T"], mask: Float[Array, "B T"]) -> Float[Array, "B"]:
@@ -85,4 +89,36 @@ def dpo_loss(pi_chosen: Float[Array, "B"], pi_rejected: Float[Array, "B"], ref_c
       "rewards/accuracy": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
       "rewards/margin": jnp.mean(chosen_rewards - rejected_rewards),
   }
+  if loss_type == "ipo":  # TRL logs IPO's implicit rewards from the summed log-ratios: log those too
+    sum_chosen = jax.lax.stop_gradient(beta * (f32(pi_chosen) - f32(ref_chosen)))
+    sum_rejected = jax.lax.stop_gradient(beta * (f32(pi_rejected) - f32(ref_rejected)))
+    metrics.update({"rewards_summed/chosen": jnp.mean(sum_chosen), "rewards_summed/rejected": jnp.mean(sum_rejected),
+                    "rewards_summed/margin": jnp.mean(sum_chosen - sum_rejected)})
   return jnp.mean(losses), metrics
+
+
+def make_dpo_step(graphdef, tx, schedule, *, beta: float, loss_type: str, label_smoothing: float,
+                  precompute_ref: bool, chunk: int = 512):
+  """step(state, batch[, ref_params]) -> (state, metrics) (not jitted; see `train.step.jit_step`).
+
+  precompute_ref: the batch carries `ref_logps` [A, P, 2]; else the frozen reference parameters
+  are the third argument and the reference log-probs are computed here (no gradient).
+  """
+
+  def mean_loss(params, mb, ref_params=None):
+    if precompute_ref:
+      ref = mb["ref_logps"]
+    else:
+      ref = jax.lax.stop_gradient(pair_logps(nnx.merge(graphdef, ref_params), mb, chunk=chunk)[0])
+    pi, lengths = pair_logps(nnx.merge(graphdef, params), mb, chunk=chunk)  # [P, 2]
+    loss, metrics = dpo_loss(pi[:, 0], pi[:, 1], ref[:, 0], ref[:, 1], beta=beta, loss_type=loss_type,
+                             label_smoothing=label_smoothing, chosen_lengths=lengths[:, 0],
+                             rejected_lengths=lengths[:, 1])
+    return loss, {**metrics, "logps/chosen": jnp.mean(pi[:, 0]), "logps/rejected": jnp.mean(pi[:, 1])}
+
+  return make_pair_step(tx, schedule, mean_loss)
+
+
+def pair_ref_logps(graphdef, chunk: int = 512):
+  """(params, batch [P, 2, L]) -> sequence log-probs [P, 2] (for precomputing the reference's)."""
+  return lambda params, batch: pair_logps(nnx.merge(graphdef, params), batch, chunk=chunk)[0]

@@ -1,0 +1,169 @@
+"""Sampling from the policy being trained: GRPO rollouts, expert iteration, DPO self-pairs.
+
+Questions come from the run's data (`data.train`, or a given spec) as question/answer rows and are
+rendered in `rollout.format` exactly as at evaluation (prompt + thinking opener), so budget forcing
+works during rollouts too. The jitted `Sampler` reads the train state's parameters directly: they
+are resharded on device to the sampling preset (no host copy) and cast to the compute dtype.
+Sampling and decoding go through the one generation front end (`jaxreason.generation`, shared with
+evaluation). Completions are graded with the reward registry (several weighted functions allowed);
+each reward function receives the completion text (see `jaxreason.rewards.registry`), the row's
+answer and, as keyword arguments, any other column of the question's data row it asks for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from jaxreason import sharding
+from jaxreason.data import sources
+from jaxreason import generation
+from jaxreason.formats import FORMATS, generation_prompt
+from jaxreason.rewards import apply_reward, get_reward_fn, is_correct, reward_value
+from jaxreason.sampling.sampler import Sampler, SamplingOutput, newline_mask_for
+from jaxreason.train.loop import materialize_task
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+  id: Any
+  text: str  # the generation prompt (format prompt + thinking opener)
+  ids: tuple[int, ...]
+  answer: Any
+  row: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False)  # the data row
+
+
+def load_questions(specs: Sequence[str], out_dir: str, fmt: str, tokenizer, *, name: str = "train") -> list[Question]:
+  """Question/answer rows from files or built-in tasks (written under out_dir/data/ like SFT data)."""
+  questions: list[Question] = []
+  for i, spec in enumerate(specs):
+    path = materialize_task(spec, out_dir, f"{name}{i}") if spec.startswith("task:") else spec
+    rows = list(sources.read_rows(path))
+    for ex, row in zip(sources.eval_examples(rows, path), rows):
+      text = generation_prompt(fmt, ex.get("question"), ex.get("prompt"), tokenizer)
+      ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+      questions.append(Question(id=(i, ex["id"]) if len(specs) > 1 else ex["id"], text=text, ids=ids,
+                                answer=ex["answer"], row=row))
+  if not questions:
+    raise ValueError(f"no questions in {list(specs)}")
+  return questions
+
+
+class QuestionStream:
+  """Seeded shuffled passes over the questions; the position is the resumable state."""
+
+  def __init__(self, questions: Sequence[Question], seed: int, position: int = 0):
+    self.questions, self.seed, self.position = list(questions), seed, position
+
+  def _order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.questions))
+
+  def take(self, k: int) -> list[Question]:
+    n = len(self.questions)
+    out = []
+    for _ in range(k):
+      epoch, i = divmod(self.position, n)
+      out.append(self.questions[int(self._order(epoch)[i])])
+      self.position += 1
+    return out
+
+  @property
+  def epoch(self) -> float:
+    return self.position / len(self.questions)
+
+
+@dataclasses.dataclass
+class Completions:
+  """G completions per question, question-major (question j -> rows j*G .. j*G+G-1)."""
+
+  questions: list[Question]
+  group_size: int
+  output: SamplingOutput
+  texts: list[str]        # decoded responses
+  graded_texts: list[str]  # without end-of-turn markers (what rewards see)
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+  def question(self, row: int) -> Question:
+    return self.questions[row // self.group_size]
+
+
+class RolloutSampler:
+  """The jitted sampler fed from train-state parameters, with the rollout settings."""
+
+  def __init__(self, graphdef, abs_state, model_cfg, mesh, tokenizer, rcfg):
+    if getattr(rcfg, "mesh", None) is not None:  # a sampling mesh of its own over the same devices
+      mesh = sharding.make_mesh(rcfg.mesh, list(mesh.devices.flat))
+    self.rcfg, self.tokenizer, self.mesh = rcfg, tokenizer, mesh
+    self.sampling_shardings = sharding.pure_shardings(abs_state, mesh, sharding.SAMPLING_RULES)
+    self.sampling_cfg = generation.sampling_config(
+        tokenizer, max_new_tokens=rcfg.max_new_tokens, temperature=rcfg.temperature, top_p=rcfg.top_p,
+        top_k=rcfg.top_k, n=rcfg.num_generations, stop=rcfg.stop)
+    self.budget = generation.budget_forcing(rcfg.format, tokenizer, rcfg.max_thinking_tokens, rcfg.num_waits)
+    self.sampler = Sampler.for_graph(graphdef, model_cfg, newline_mask_for(tokenizer, model_cfg.vocab_size))
+
+  def set_params(self, params: dict) -> None:
+    """Points the sampler at `params` (a pure dict on device): resharded to the sampling preset
+    (device to device; a no-op where the layouts agree) and cast to the compute dtype."""
+    self.sampler.set_state(jax.device_put(params, self.sampling_shardings))
+
+  def sample(self, questions: Sequence[Question], seed: int, n: int | None = None) -> Completions:
+    cfg = self.sampling_cfg if n is None else dataclasses.replace(self.sampling_cfg, n=n)
+    with sharding.use_mesh(self.mesh, sharding.SAMPLING_RULES):
+      output = generation.generate(self.sampler, [q.ids for q in questions], cfg, self.budget,
+                                   batch_size=self.rcfg.batch_size,
+                                   seed_for=lambda start: jax.random.fold_in(jax.random.key(seed), start))
+    texts, graded = generation.decode(self.tokenizer, output)
+    return Completions(list(questions), cfg.n, output, texts, graded)
+
+
+# ---------------------------------------------------------------------------------------- rewards
+class Rewards:
+  """Weighted reward functions -> per-completion totals and per-function values.
+
+  Names are registry names or `module:function` (SPEC §4), or `reward_model:PATH` for a trained
+  reward model (scored in batches with the prompt). {}: the rollout format's own reward.
+  `accuracy`: the reward whose verdict (`rewards.is_correct`) is "correct" (logged accuracy, the
+  right/wrong split of DPO self-pairs); None: the format's reward (`rollout.accuracy_reward`).
+  """
+
+  def __init__(self, weights: dict[str, float], fmt: str, accuracy: str | None = None):
+    self.weights = dict(weights) or {FORMATS[fmt].reward: 1.0}
+    self.verifier_name = accuracy or FORMATS[fmt].reward
+    if self.verifier_name.startswith("reward_model:"):
+      raise ValueError(f"rollout.accuracy_reward {self.verifier_name!r}: a reward model scores, it does not verify; "
+                       "name a rule reward (e.g. the format's) or a module:function that returns 1 when right")
+    self.verifier = get_reward_fn(self.verifier_name)
+    self.fns: dict[str, Any] = {}
+    for name in self.weights:
+      if name.startswith("reward_model:"):
+        from jaxreason.algorithms.reward_model.loss import load_scorer  # only for this reward (loads a checkpoint)
+        self.fns[name] = load_scorer(name[len("reward_model:"):])
+      else:
+        self.fns[name] = get_reward_fn(name)
+
+  def __call__(self, c: Completions) -> dict[str, np.ndarray]:
+    """{"reward": [N] weighted total, "correct": [N] bool (the accuracy reward's verdict), name: [N] each}."""
+    questions = [c.question(i) for i in range(len(c))]
+    answers, rows = [q.answer for q in questions], [q.row for q in questions]
+    out: dict[str, np.ndarray] = {}
+    graded_by: dict[str, list] = {}
+    total = np.zeros((len(c),), np.float32)
+    for name, fn in self.fns.items():
+      if name.startswith("reward_model:"):
+        values = np.asarray(fn([q.text for q in questions], c.graded_texts), np.float32)
+      else:
+        graded_by[name] = apply_reward(fn, c.graded_texts, answers, rows=rows)
+        values = np.asarray([reward_value(g) for g in graded_by[name]], np.float32)
+      out[name] = values
+      total += self.weights[name] * values
+    graded = graded_by.get(self.verifier_name)
+    if graded is None:
+      graded = apply_reward(self.verifier, c.graded_texts, answers, rows=rows)
+    out["correct"] = np.asarray([is_correct(g) for g in graded])
+    out["reward"] = total
+    return out
