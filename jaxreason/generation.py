@@ -101,4 +101,21 @@ def concat(outs: list[SamplingOutput], n: int) -> SamplingOutput:
       fields[f.name] = [x for v in values for x in v]
     else:
       fields[f.name] = np.concatenate(values)
-  return SamplingOutput(**fields)
+  out = SamplingOutput(**fields)
+  out.metrics = merge_engine_metrics([getattr(o, "metrics", None) for o in outs])
+  return out
+
+
+def merge_engine_metrics(parts: list[dict | None]) -> dict | None:
+  """The engine counters of several `generate` calls as one (occupancy over all their slot-steps)."""
+  parts = [m for m in parts if m]
+  if not parts:
+    return None
+  tokens = sum(m["tokens"] for m in parts)
+  slot_steps = sum(m["decode_steps"] * m["slots"] for m in parts)
+  seconds = sum(m["seconds"] for m in parts)
+  return dict(engine=parts[0]["engine"], slots=max(m["slots"] for m in parts),
+              decode_steps=sum(m["decode_steps"] for m in parts), tokens=tokens, seconds=seconds,
+              tokens_per_s=tokens / max(seconds, 1e-9), inserted=sum(m["inserted"] for m in parts),
+              slot_occupancy=tokens / max(slot_steps, 1), padding_waste=1 - tokens / max(slot_steps, 1),
+              longest=max(m["longest"] for m in parts))

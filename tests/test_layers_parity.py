@@ -22,7 +22,7 @@ B, T = 2, 24
 def pair(request, tmp_path_factory):
   hf = make_hf_model(request.param, seed=sorted(VARIANTS).index(request.param))
   path = save_hf_model_dir(hf, tmp_path_factory.mktemp(request.param))
-  return request.param, hf, load_hf_model(path)
+  return request.param, hf, load_hf_model(path, scan_layers=False)  # per-layer access: model.layers[i]
 
 
 def _x(seed=0, d=64):

@@ -221,8 +221,8 @@ def _check_grads(model_cfg, grads, hf):
 def test_dpo_step_matches_pytorch_and_spec(tmp_path, loss_type):
   beta, s = 0.2, 0.1
   hf, hf_ref = make_hf_model("qwen2_untied", seed=3), make_hf_model("qwen2_untied", seed=4)
-  model = load_hf_model(save_hf_model_dir(hf, tmp_path / "pi"))
-  ref_model = load_hf_model(save_hf_model_dir(hf_ref, tmp_path / "ref"))
+  model = load_hf_model(save_hf_model_dir(hf, tmp_path / "pi"), scan_layers=False)  # per-layer paths in _check_grads
+  ref_model = load_hf_model(save_hf_model_dir(hf_ref, tmp_path / "ref"), scan_layers=False)
   batch = _pair_batch(np.random.default_rng(0))
 
   pi, lengths = _torch_seq_logps(hf, batch)
@@ -267,7 +267,7 @@ def test_dpo_step_matches_pytorch_and_spec(tmp_path, loss_type):
 def test_reward_model_step_matches_pytorch(tmp_path):
   coef = 0.05
   hf = make_hf_model("qwen2_tied", seed=5)
-  model = load_hf_model(save_hf_model_dir(hf, tmp_path / "m"))
+  model = load_hf_model(save_hf_model_dir(hf, tmp_path / "m"), scan_layers=False)  # per-layer paths in _check_grads
   batch = _pair_batch(np.random.default_rng(1))
   d = model.cfg.hidden_size
   rng = np.random.default_rng(2)

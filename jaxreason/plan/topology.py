@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 GIB = 2 ** 30
 
@@ -118,6 +119,9 @@ def tpu_devices(topo: Topology):
     raise RuntimeError(
         f"topology {topo.name}: compiling for TPU needs libtpu; pip install 'libtpu==0.0.42.*' "
         "(the version jax 0.10.2's tpu extra pins; it works on CPU-only hosts)") from None
+  # Compile-only devices hold no chip: another process holding libtpu (a second plan, a test
+  # worker) must not make this one fail on libtpu's lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   kind = next(k for k, v in CHIPS.items() if v == topo.chip)
   prefix, chip_config, _, _ = _TPU_KINDS[kind]

@@ -213,6 +213,9 @@ def grpo_micro_loss(model, mb: dict[str, jax.Array], norms: dict[str, jax.Array]
   tokens = jnp.sum(mask)
   sums = {k: v * jnp.maximum(tokens, 1.0) for k, v in m.items()}  # metrics are means over these tokens
   sums["sampler_logp_diff"] = jnp.sum(jnp.abs(sg(logp) - mb["old_logp"]) * mask)
+  # NeMo-RL's token_mult_prob_error (jaxreason.sampling.metrics): masked mean of exp(|logp_sampler -
+  # logp_trainer|), here against the weights of this update (the first update of a step: the rollout's).
+  sums["token_mult_prob_error"] = jnp.sum(jnp.exp(jnp.abs(sg(logp) - mb["old_logp"])) * mask)
   return loss, sums
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxreason import sharding
+from jaxreason import generation, sharding
 from jaxreason.algorithms.grpo import loss as grpo_lib
 from jaxreason.algorithms.grpo.loss import make_grpo_step, make_ref_scorer
 from jaxreason.rollout import Completions, QuestionStream, Rewards, RolloutSampler, load_questions
@@ -44,29 +44,56 @@ from jaxreason.train.step import jit_step
 def completion_rows(c: Completions, seq_len: int, pad_id: int, mask_truncated: bool) -> dict[str, np.ndarray]:
   """Prompt + completion per row, right-padded to seq_len: inputs/targets/positions/segments and
   the completion mask (model-sampled tokens up to and including the end token; budget-forcing
-  injections excluded) with the sampler's log-probs aligned to the targets."""
+  injections excluded) with the sampler's log-probs aligned to the targets.
+
+  Vectorised over rows from the sampler's padded results (`SampleBatch`: [N, M] tokens, log-probs,
+  injected, lengths): row i's sequence is its prompt's P_i ids then its K_i completion tokens."""
   n = len(c)
-  rows = {"inputs": np.full((n, seq_len), pad_id, np.int32), "targets": np.full((n, seq_len), pad_id, np.int32),
-          "positions": np.zeros((n, seq_len), np.int32), "segments": np.zeros((n, seq_len), np.int32),
-          "mask": np.zeros((n, seq_len), np.float32), "old_logp": np.zeros((n, seq_len), np.float32)}
-  for i in range(n):
-    prompt, comp = c.question(i).ids, c.output.tokens[i]
-    toks = np.asarray(list(prompt) + list(comp), np.int32)
-    length = len(toks) - 1
-    if length > seq_len:
-      raise ValueError(f"row {i}: {length} tokens do not fit the GRPO sequence length {seq_len}")
-    rows["inputs"][i, :length] = toks[:-1]
-    rows["targets"][i, :length] = toks[1:]
-    rows["positions"][i, :length] = np.arange(length)
-    rows["segments"][i, :length] = 1
-    p = len(prompt) - 1  # the target index of the first completion token
-    k = len(comp)
-    sampled = ~np.asarray(c.output.injected[i], bool)
-    if mask_truncated and c.output.truncated[i]:
-      sampled[:] = False
-    rows["mask"][i, p:p + k] = sampled
-    rows["old_logp"][i, p:p + k] = np.where(sampled, c.output.logprobs[i], 0.0)
-  return rows
+  out = c.output
+  padded = getattr(out, "padded", None)
+  if padded is not None and len(padded.length) == n:
+    comp, logp, injected = padded.tokens, padded.logprobs, padded.injected.astype(bool)
+    k = np.asarray(padded.length, np.int64)
+  else:  # a SamplingOutput built from lists (joined batches, tests): pad it here
+    k = np.asarray([len(t) for t in out.tokens], np.int64)
+    m = max(1, int(k.max()) if n else 1)
+    valid = np.arange(m)[None] < k[:, None]
+    comp, logp, injected = np.zeros((n, m), np.int32), np.zeros((n, m), np.float32), np.zeros((n, m), bool)
+    if n:
+      comp[valid] = np.concatenate([np.asarray(t, np.int32) for t in out.tokens])
+      logp[valid] = np.concatenate([np.asarray(t, np.float32) for t in out.logprobs])
+      injected[valid] = np.concatenate([np.asarray(t, bool) for t in out.injected])
+  prompts = [c.question(i).ids for i in range(n)]
+  plen = np.asarray([len(q) for q in prompts], np.int64)
+  length = plen + k - 1  # inputs/targets per row
+  too_long = np.flatnonzero(length > seq_len)
+  if too_long.size:
+    i = int(too_long[0])
+    raise ValueError(f"row {i}: {int(length[i])} tokens do not fit the GRPO sequence length {seq_len}")
+  pmax = max(1, int(plen.max()) if n else 1)
+  prompt = np.full((n, pmax), pad_id, np.int32)
+  if n:
+    prompt[np.arange(pmax)[None] < plen[:, None]] = np.concatenate([np.asarray(q, np.int32) for q in prompts])
+  # [n, seq_len + 1] token sequences: prompt ids at j < P_i, completion token j - P_i after.
+  j = np.arange(seq_len + 1)[None]
+  rows_i = np.arange(n)[:, None]
+  in_prompt = j < plen[:, None]
+  ci = np.clip(j - plen[:, None], 0, comp.shape[1] - 1)
+  in_comp = ~in_prompt & (j - plen[:, None] < k[:, None])
+  seq = np.where(in_prompt, prompt[rows_i, np.minimum(j, pmax - 1)], np.where(in_comp, comp[rows_i, ci], pad_id))
+  live = j[:, :seq_len] < length[:, None]  # [n, seq_len]
+  # The target at index t is token t + 1: completion token (t + 1 - P_i), sampled unless injected.
+  ti = np.clip(j[:, :seq_len] + 1 - plen[:, None], 0, comp.shape[1] - 1)
+  is_comp = (j[:, :seq_len] + 1 >= plen[:, None]) & live
+  sampled = is_comp & ~injected[rows_i, ti]
+  if mask_truncated:
+    sampled &= ~np.asarray(out.truncated, bool)[:, None]
+  return {"inputs": np.where(live, seq[:, :seq_len], pad_id).astype(np.int32),
+          "targets": np.where(live, seq[:, 1:], pad_id).astype(np.int32),
+          "positions": np.where(live, j[:, :seq_len], 0).astype(np.int32),
+          "segments": live.astype(np.int32),
+          "mask": sampled.astype(np.float32),
+          "old_logp": np.where(sampled, logp[rows_i, ti], 0.0).astype(np.float32)}
 
 
 # ------------------------------------------------------------------------------------ rollouts
@@ -83,7 +110,7 @@ def collect(roller: RolloutSampler, rewards: Rewards, stream: QuestionStream, cf
   """Samples groups until `prompts_per_step` useful groups exist (dynamic sampling) or once."""
   rc, gc = cfg.rollout, cfg.grpo
   need, g = rc.prompts_per_step, rc.num_generations
-  parts, kept_groups, rounds, sampled_groups, tokens = [], 0, 0, 0, 0
+  parts, kept_groups, rounds, sampled_groups, tokens, engine = [], 0, 0, 0, 0, []
   while True:
     questions = stream.take(need)  # a refill samples a whole batch too (one compiled shape); extras are dropped
     seed = (cfg.seed * 1_000_003 + step) * 101 + rounds
@@ -101,11 +128,20 @@ def collect(roller: RolloutSampler, rewards: Rewards, stream: QuestionStream, cf
     kept_groups += int(keep.sum())
     sampled_groups += len(questions)
     tokens += int(lengths.sum())
+    engine.append(getattr(c.output, "metrics", None))
     rounds += 1
     if not gc.dynamic_sampling or kept_groups >= need or rounds > gc.max_refills:
       break
   stats = {"rollout/groups_sampled": sampled_groups, "rollout/groups_kept": min(kept_groups, need),
            "rollout/refills": rounds - 1, "rollout/tokens": tokens}
+  counters = generation.merge_engine_metrics(engine)
+  if counters:  # the rollout engine's own figures (ANCHORS-RL: what verl / NeMo-RL log)
+    longest_s = counters["seconds"] * counters["longest"] / max(counters["decode_steps"], 1)
+    stats.update({"rollout/slot_occupancy": counters["slot_occupancy"],
+                  "rollout/padding_waste": counters["padding_waste"],
+                  "rollout/decode_steps": counters["decode_steps"],
+                  "rollout/tokens_per_sec_per_device": counters["tokens_per_s"] / jax.device_count(),
+                  "rollout/longest_sample_tokens_per_sec": counters["longest"] / max(longest_s, 1e-9)})
   return Rollout([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], need, stats)
 
 
@@ -259,7 +295,7 @@ def run_grpo(cfg) -> dict[str, Any]:
     t2 = time.perf_counter()
     for k in update_metrics[0]:
       metrics[k] = float(np.mean([float(m[k]) for m in update_metrics]))
-    metrics.update({"time_rollout": t1 - t0, "time_update": t2 - t1,
+    metrics.update({"time_rollout": t1 - t0, "time_update": t2 - t1, "rollout_share": (t1 - t0) / max(t2 - t0, 1e-9),
                     "rollout_tokens_per_sec": ro.stats["rollout/tokens"] / max(t1 - t0, 1e-9),
                     "train_tokens_per_sec": train_tokens / max(t2 - t1, 1e-9), "epoch": stream.epoch})
     done = step + 1
