@@ -309,7 +309,7 @@ logging: {{progress_bar: false}}
 
 def _train(path, *sets, devices=1):
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_timeout_seconds=900",
              PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
   cmd = [sys.executable, "-m", "jaxreason.train", "--config", str(path)]
   for x in sets:
@@ -389,7 +389,7 @@ def test_grpo_end_to_end_and_exact_resume(tmp_path, tiny_sft):
   port = 20000 + (os.getpid() + 7) % 10000
   procs = []
   for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_cpu_collective_timeout_seconds=900",
                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "jaxreason.train", "--config", str(tmp_path / "d.yaml"), "--set", "train.max_steps=2",

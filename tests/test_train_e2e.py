@@ -33,7 +33,7 @@ logging: {{progress_bar: false, tensorboard: true}}
 
 def _env(devices=1, **extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_cpu_collective_timeout_seconds=900")
   env.update(extra)
   return env
 
