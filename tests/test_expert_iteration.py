@@ -121,25 +121,7 @@ def test_expert_iteration_sft_loss_falls_and_checkpoints_inside_a_round(tmp_path
   assert saved[-1] == n and any(s % 3 == 0 and s < n for s in saved), saved  # mid-round checkpoints too
 
 
-def _preempt_after(monkeypatch, steps):
-  """SIGTERM as seen by the loop: `guard.requested` turns true after `steps` SFT steps."""
-
-  class Guard(ei_run.PreemptionGuard):
-    checks = 0
-
-    @property
-    def requested(self):
-      Guard.checks += 1
-      return Guard.checks >= steps
-
-    @requested.setter
-    def requested(self, value):
-      pass
-
-  monkeypatch.setattr(ei_run, "PreemptionGuard", Guard)
-
-
-def test_expert_iteration_resumes_mid_round_exactly(tmp_path, tiny_init, monkeypatch):
+def test_expert_iteration_resumes_mid_round_exactly(tmp_path, tiny_init, monkeypatch, preempt_after):
   """Interrupted inside round 2's SFT, then resumed: the same round logs and final weights as a
   straight run (the round's kept rows are reread, the SFT data position restored)."""
   sets = ("expert_iteration.rounds=2", "expert_iteration.epochs_per_round=2", "checkpoint.every_steps=1000")
@@ -147,7 +129,7 @@ def test_expert_iteration_resumes_mid_round_exactly(tmp_path, tiny_init, monkeyp
   r1 = straight["rounds"][0]["sft_steps"]
   assert straight["rounds"][1]["sft_steps"] >= 2
   cfg = _ei_cfg(tmp_path / "b", tiny_init, *sets)
-  _preempt_after(monkeypatch, r1 + 1)  # one step into round 2
+  preempt_after(ei_run, r1 + 1)  # one step into round 2
   with pytest.raises(Preempted, match=str(r1 + 1)):
     run(cfg)
   monkeypatch.undo()

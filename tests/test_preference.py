@@ -15,6 +15,7 @@ import torch
 from flax import nnx
 
 from hf_models import make_hf_model, save_hf_model_dir
+from jaxreason.train import loop as train_loop
 from jaxreason import checkpoint
 from jaxreason.config import load_config
 from jaxreason.data.char_tokenizer import build_char_tokenizer
@@ -332,7 +333,7 @@ def test_dpo_raises_implicit_reward_accuracy(tmp_path, tiny_init):
   assert acc >= 0.8  # 0 before training (policy = reference)
 
 
-def test_dpo_precompute_ref_and_on_the_fly_agree_and_resume_exactly(tmp_path, tiny_init, monkeypatch):
+def test_dpo_precompute_ref_and_on_the_fly_agree_and_resume_exactly(tmp_path, tiny_init, monkeypatch, preempt_after):
   data = _write(tmp_path / "toy.jsonl", _sums(32, seed=2))
   base = ("train.max_steps=6", "data.num_epochs=3")
   a = _cfg(tmp_path / "a", tiny_init, "dpo", data, *base)
@@ -344,7 +345,7 @@ def test_dpo_precompute_ref_and_on_the_fly_agree_and_resume_exactly(tmp_path, ti
 
   # Interrupted (SIGTERM seen after step 4), then resumed: the same losses and final weights as straight.
   c = _cfg(tmp_path / "c", tiny_init, "dpo", data, *base)
-  _preempt_after(monkeypatch, 4)
+  preempt_after(train_loop, 4)
   with pytest.raises(Preempted, match="4"):
     run(c)
   monkeypatch.undo()
@@ -352,25 +353,6 @@ def test_dpo_precompute_ref_and_on_the_fly_agree_and_resume_exactly(tmp_path, ti
   lc = {r["step"]: r["loss"] for r in _metrics(c.output_dir)}
   assert [lc[s] for s in range(1, 7)] == la
   _assert_same(checkpoint.load_model(a.output_dir), checkpoint.load_model(c.output_dir))
-
-
-def _preempt_after(monkeypatch, steps):
-  """SIGTERM as seen by the loop: `guard.requested` turns true after `steps` steps."""
-  from jaxreason.train import loop
-
-  class Guard(loop.PreemptionGuard):
-    checks = 0
-
-    @property
-    def requested(self):
-      Guard.checks += 1
-      return Guard.checks >= steps
-
-    @requested.setter
-    def requested(self, value):
-      pass
-
-  monkeypatch.setattr(loop, "PreemptionGuard", Guard)
 
 
 def _assert_same(m1, m2):
@@ -387,7 +369,7 @@ def _rm_params(run_dir):
     return m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
 
 
-def test_reward_model_learns_scores_and_resumes_exactly(tmp_path, monkeypatch):
+def test_reward_model_learns_scores_and_resumes_exactly(tmp_path, monkeypatch, preempt_after):
   rows = _sums(64, seed=0)
   data = _write(tmp_path / "toy.jsonl", rows)
   base = ("train.max_steps=120", "model.vocab_size=128", "model.hidden_size=32", "model.intermediate_size=64",
@@ -419,7 +401,7 @@ def test_reward_model_learns_scores_and_resumes_exactly(tmp_path, monkeypatch):
   np.testing.assert_allclose(got["reward"], 0.5 * want + got["gsm8k"], rtol=1e-6)
 
   b = _cfg(tmp_path / "b", None, "reward_model", data, *base)
-  _preempt_after(monkeypatch, 50)
+  preempt_after(train_loop, 50)
   with pytest.raises(Preempted, match="50"):
     run(b)
   monkeypatch.undo()
