@@ -3,7 +3,6 @@ values (loss and gradients, with accumulation), exact on-policy first mini-batch
 raises a toy reward, and exact resume from a checkpoint (what a SIGKILL after a save leaves)."""
 
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -174,9 +173,13 @@ def test_ppo_raises_a_toy_reward(tmp_path, tiny_sft):
   assert os.path.exists(out / "rewards.png")
 
 
-def test_ppo_resumes_exactly(tmp_path, tiny_sft):
-  """b starts from a's step-2 checkpoint (all a SIGKILL after that save leaves on disk) and
-  reproduces steps 3-4 exactly: policy, critic and both optimizers are in the checkpoint."""
+def test_ppo_resumes_exactly_after_sigkill(tmp_path, tiny_sft):
+  """b is SIGKILLed while its step-4 checkpoint is being written (JAXREASON_TEST_KILL_IN_SAVE),
+  reruns from step 2 and reproduces a's steps 3-4 exactly: policy, critic and both optimizers
+  are in the checkpoint."""
+  import signal
+  import subprocess
+  import sys
   a, b = tmp_path / "a", tmp_path / "b"
   for out in (a, b):
     (tmp_path / f"{out.name}.yaml").write_text(TINY_PPO.format(out=out, init=tiny_sft))
@@ -185,9 +188,15 @@ def test_ppo_resumes_exactly(tmp_path, tiny_sft):
   assert sorted(ma) == [1, 2, 3, 4]
   for key in ("kl", "non_score_reward", "value_loss", "explained_variance", "entropy"):
     assert key in ma[1], key
-  os.makedirs(b / "checkpoints")
-  shutil.copytree(a / "checkpoints" / "2", b / "checkpoints" / "2")
-  _train(tmp_path / "b.yaml")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", JAXREASON_TEST_KILL_IN_SAVE="4",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+  r = subprocess.run([sys.executable, "-m", "jaxreason.train", "--config", str(tmp_path / "b.yaml")],
+                     capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
+                     timeout=600)
+  assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+  r = _train(tmp_path / "b.yaml")
+  assert "resumed at step 2" in r.stdout + r.stderr
   mb = _metrics(b)
   for s in (3, 4):
     for key in ("loss", "reward_mean", "grad_norm", "kl", "value_loss", "values_mean_rollout"):
