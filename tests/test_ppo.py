@@ -214,3 +214,32 @@ def test_ppo_resumes_exactly_after_sigkill(tmp_path, tiny_sft):
   # The run reads as a policy (eval / export).
   from jaxreason.checkpoint import load_model
   load_model(str(a / "checkpoints" / "4"))
+
+
+def test_ppo_critic_and_reward_from_a_reward_model(tmp_path, tiny_sft):
+  """critic_init reward_model:RUN: the critic starts as the reward model (score head -> value head),
+  which also gives the reward (`reward_model:RUN`)."""
+  import json
+  import orbax.checkpoint as ocp
+  rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)} for a in range(4) for b in range(4)]
+  (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  rm = tmp_path / "rm"
+  (tmp_path / "rm.yaml").write_text(
+      f"output_dir: {rm}\nalgorithm: reward_model\ninit_from: {tiny_sft}\n"
+      f"data: {{train: [{tmp_path / 'pairs.jsonl'}], format: preference, seq_len: 16}}\n"
+      "train: {global_batch_size: 8, max_steps: 2, log_every: 1}\nlogging: {progress_bar: false}\n")
+  _train(tmp_path / "rm.yaml")
+  out = tmp_path / "ppo"
+  (tmp_path / "ppo.yaml").write_text(TINY_PPO.format(out=out, init=tiny_sft))
+  _train(tmp_path / "ppo.yaml", "train.max_steps=1", f"ppo.critic_init=reward_model:{rm}", "ppo.critic_lr=1e-30",
+         f"ppo.rewards={{reward_model:{rm}: 1.0}}", "ppo.ppo_epochs=1")
+  m = _metrics(out)
+  assert np.isfinite(m[1]["value_loss"]) and m[1]["reward_std"] > 0
+  with ocp.CheckpointManager(str(rm / "checkpoints")) as mngr:
+    rm_params = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
+  with ocp.CheckpointManager(str(out / "checkpoints")) as mngr:
+    critic = mngr.restore(1, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore())).opt_state["critic"]
+  rm_params = dict(rm_params)
+  rm_params[ppo_loss.VALUE_HEAD] = rm_params.pop("score_head")
+  for x, y in zip(jax.tree.leaves(rm_params), jax.tree.leaves(critic)):  # lr 1e-30: unchanged by the update
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-20)
