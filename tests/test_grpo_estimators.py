@@ -68,6 +68,7 @@ def test_estimator_config_errors():
     GRPOConfig(is_correction="icepop")
 
 
+@pytest.mark.slow  # a subprocess run (~1-2 min on 2 cores)
 def test_grpo_run_with_reinforce_pp_baseline_kl_reward_and_tis(tmp_path, tiny_sft):
   out = tmp_path / "rpp"
   (tmp_path / "rpp.yaml").write_text(TINY_GRPO.format(out=out, init=tiny_sft))

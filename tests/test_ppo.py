@@ -145,6 +145,17 @@ def test_ppo_targets_use_k1_kl_and_gae():
   np.testing.assert_allclose(m["kl"], ((old - ref) * mask).sum() / mask.sum(), rtol=1e-5)
 
 
+def test_ppo_config_and_quickstart_config():
+  from jaxreason.config import ConfigError, load_config
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cfg = load_config(os.path.join(repo, "configs", "quickstart_ppo.yaml"))
+  assert cfg.algorithm == "ppo" and cfg.ppo.advantage_estimator == "gae" and cfg.ppo.critic_init == "policy"
+  with pytest.raises(ConfigError, match="critic_init"):
+    PPOConfig(critic_init="rm")
+  with pytest.raises(ConfigError, match="advantage_estimator"):
+    PPOConfig(advantage_estimator="ppo")
+
+
 # -------------------------------------------------------------------------------- end to end
 TINY_PPO = """
 output_dir: {out}
@@ -160,6 +171,7 @@ logging: {{progress_bar: false}}
 """
 
 
+@pytest.mark.slow  # a subprocess run (~1-2 min on 2 cores)
 def test_ppo_raises_a_toy_reward(tmp_path, tiny_sft):
   out = tmp_path / "toy"
   (tmp_path / "toy.yaml").write_text(TINY_PPO.format(out=out, init=tiny_sft))
@@ -173,6 +185,7 @@ def test_ppo_raises_a_toy_reward(tmp_path, tiny_sft):
   assert os.path.exists(out / "rewards.png")
 
 
+@pytest.mark.slow  # a subprocess run (~1-2 min on 2 cores)
 def test_ppo_resumes_exactly_after_sigkill(tmp_path, tiny_sft):
   """b is SIGKILLed while its step-4 checkpoint is being written (JAXREASON_TEST_KILL_IN_SAVE),
   reruns from step 2 and reproduces a's steps 3-4 exactly: policy, critic and both optimizers
@@ -216,6 +229,7 @@ def test_ppo_resumes_exactly_after_sigkill(tmp_path, tiny_sft):
   load_model(str(a / "checkpoints" / "4"))
 
 
+@pytest.mark.slow  # a subprocess run (~1-2 min on 2 cores)
 def test_ppo_critic_and_reward_from_a_reward_model(tmp_path, tiny_sft):
   """critic_init reward_model:RUN: the critic starts as the reward model (score head -> value head),
   which also gives the reward (`reward_model:RUN`)."""

@@ -165,7 +165,7 @@ def ppo_targets(pc, rows: dict[str, np.ndarray], score: np.ndarray, ref_logp: np
   metrics = {"explained_variance": adv_lib.explained_variance(values, returns, mask),
              "returns_mean": float((returns * mask).sum() / tokens),
              "values_mean_rollout": float((values * mask).sum() / tokens),
-             "advantage_abs_mean_tokens": float((np.abs(adv) * mask).sum() / tokens)}
+             "advantage_abs_mean": float((np.abs(adv) * mask).sum() / tokens)}
   if kl is not None:
     metrics["kl"] = float(kl.sum() / tokens)
     metrics["non_score_reward"] = float(-pc.beta * kl.sum() / seqs)  # per completion
@@ -259,6 +259,7 @@ def run_ppo(cfg) -> dict[str, Any]:
     rows, metrics, samples = rollout_batch(ro, view, seq_len, tok.pad_token_id or 0)
     t1 = time.perf_counter()
     score = rows.pop("adv")  # per completion: R (gae, reinforce_pp), R - group mean, or grpo / rloo advantages
+    metrics["sequence_score_abs_mean"] = metrics.pop("advantage_abs_mean")  # |score|; token advantages below
     sampler_logp = rows.pop("old_logp")
     with sharding.use_mesh(rs.mesh, rs.rules):
       own = _score(lambda b: scorer(state.params["policy"], state.params["critic"], b), rows, micro)
