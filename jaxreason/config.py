@@ -27,6 +27,7 @@ import yaml
 from jaxreason.algorithms.dpo.config import DPOConfig
 from jaxreason.algorithms.expert_iteration.config import ExpertIterationConfig
 from jaxreason.algorithms.grpo.config import GRPOConfig
+from jaxreason.algorithms.ppo.config import PPOConfig
 from jaxreason.algorithms.reward_model.config import RewardModelConfig
 from jaxreason.formats import FORMATS
 from jaxreason.models.config import ModelConfig, RopeScaling  # noqa: F401  (RopeScaling: `model.rope_scaling`)
@@ -37,12 +38,12 @@ from jaxreason.yamlconfig import plain
 
 __all__ = [
     "ConfigError", "TrainConfig", "DataSource", "DataConfig", "OptimizerConfig", "ScheduleConfig",
-    "LoopConfig", "CheckpointConfig", "LoggingConfig", "EvalSection", "RolloutConfig", "GRPOConfig",
+    "LoopConfig", "CheckpointConfig", "LoggingConfig", "EvalSection", "RolloutConfig", "GRPOConfig", "PPOConfig",
     "DPOConfig", "RewardModelConfig", "ExpertIterationConfig", "load_config", "config_to_dict",
     "dump_yaml", "EXECUTION_FIELDS",
 ]
 
-ALGORITHMS = ("sft", "pretrain", "dpo", "grpo", "reward_model", "expert_iteration")
+ALGORITHMS = ("sft", "pretrain", "dpo", "grpo", "ppo", "reward_model", "expert_iteration")
 # `preference`: prompt/chosen/rejected rows for dpo and reward_model (jaxreason.data.preference).
 DATA_FORMATS = ("s1", "think", "chat_messages", "prompt_response", "minimind", "r1_zero", "pretrain_text",
                 "preference")
@@ -267,7 +268,7 @@ class RolloutConfig:
 class TrainConfig:
   output_dir: str  # checkpoints, logs and the resolved config go here
   seed: int = 0  # parameter init, data order and sampling
-  algorithm: str = "sft"  # sft | pretrain | dpo | grpo | reward_model | expert_iteration
+  algorithm: str = "sft"  # sft | pretrain | dpo | grpo | ppo | reward_model | expert_iteration
   init_from: str | None = None  # HF model dir or Orbax run/checkpoint dir; null: from scratch
   allow_config_change: bool = False  # resume even if architecture, data or batch size changed (CLI --allow-config-change)
   tokenizer: str | None = None  # tokenizer dir or "builtin:char"; null: init_from's
@@ -283,6 +284,7 @@ class TrainConfig:
   eval: EvalSection | None = None  # evaluation at the end; null: none
   rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)  # grpo, expert_iteration, dpo self_pairs
   grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+  ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
   dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
   reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
   expert_iteration: ExpertIterationConfig = dataclasses.field(default_factory=ExpertIterationConfig)
