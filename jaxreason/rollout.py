@@ -8,6 +8,13 @@ Sampling and decoding go through the one generation front end (`jaxreason.genera
 evaluation). Completions are graded with the reward registry (several weighted functions allowed);
 each reward function receives the completion text (see `jaxreason.rewards.registry`), the row's
 answer and, as keyword arguments, any other column of the question's data row it asks for.
+
+On several processes the rollouts are split: the sampler holds a process-local copy of the weights
+(replicated, or tensor-sharded over the process's own devices), each process samples only its
+share of every sampler batch (`sampling.distributed.generate_share`, rows seeded as in the whole
+batch), grades its own completions (`sample(..., rewards=...)`), and one host allgather gives every
+process the whole batch (tokens, log-probs, rewards) in question order, as one process would have
+produced it.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxreason import sharding
 from jaxreason.data import sources
 from jaxreason import generation
 from jaxreason.formats import FORMATS, generation_prompt
 from jaxreason.rewards import apply_reward, get_reward_fn, is_correct, reward_value
+from jaxreason.sampling import distributed
 from jaxreason.sampling.sampler import Sampler, SamplingOutput, newline_mask_for
 from jaxreason.train.loop import materialize_task
 
@@ -84,6 +93,7 @@ class Completions:
   output: SamplingOutput
   texts: list[str]        # decoded responses
   graded_texts: list[str]  # without end-of-turn markers (what rewards see)
+  local_rows: np.ndarray | None = None  # rows this process sampled (and graded); None: all of them
 
   def __len__(self) -> int:
     return len(self.texts)
@@ -93,10 +103,23 @@ class Completions:
 
 
 class RolloutSampler:
-  """The jitted sampler fed from train-state parameters, with the rollout settings."""
+  """The jitted sampler fed from train-state parameters, with the rollout settings.
+
+  One process: the sampler runs on the training mesh (or `rollout.mesh` over the same devices).
+  Several processes: on a mesh of this process's devices only (`rollout.mesh` then lays out those;
+  default: the training mesh's tensor axis where it divides them, the rest as data parallelism),
+  so no collective crosses processes while sampling.
+  """
 
   def __init__(self, graphdef, abs_state, model_cfg, mesh, tokenizer, rcfg):
-    if getattr(rcfg, "mesh", None) is not None:  # a sampling mesh of its own over the same devices
+    self.split = jax.process_count() > 1
+    if self.split:
+      local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+      tensor = mesh.shape["tensor"] if len(local) % mesh.shape["tensor"] == 0 else 1
+      layout = getattr(rcfg, "mesh", None) or sharding.MeshConfig(data=1, fsdp=-1, tensor=tensor)
+      self._replicate = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))
+      mesh = sharding.make_mesh(layout, local)
+    elif getattr(rcfg, "mesh", None) is not None:  # a sampling mesh of its own over the same devices
       mesh = sharding.make_mesh(rcfg.mesh, list(mesh.devices.flat))
     self.rcfg, self.tokenizer, self.mesh = rcfg, tokenizer, mesh
     self.sampling_shardings = sharding.pure_shardings(abs_state, mesh, sharding.SAMPLING_RULES)
@@ -108,17 +131,60 @@ class RolloutSampler:
 
   def set_params(self, params: dict) -> None:
     """Points the sampler at `params` (a pure dict on device): resharded to the sampling preset
-    (device to device; a no-op where the layouts agree) and cast to the compute dtype."""
+    (device to device; a no-op where the layouts agree) and cast to the compute dtype. On several
+    processes the weights are first replicated over every device (one all-gather, run by every
+    process at the same point), then this process's copies become its local sampler's weights."""
+    if self.split:
+      full = self._replicate(params)
+      here = NamedSharding(self.mesh, PartitionSpec())
+
+      def local(x):
+        by_device = {s.device: s.data for s in x.addressable_shards}
+        return jax.make_array_from_single_device_arrays(
+            x.shape, here, [by_device[d] for d in here.addressable_devices_indices_map(x.shape)])
+
+      params = jax.tree.map(local, full)
     self.sampler.set_state(jax.device_put(params, self.sampling_shardings))
 
-  def sample(self, questions: Sequence[Question], seed: int, n: int | None = None) -> Completions:
+  def sample(self, questions: Sequence[Question], seed: int, n: int | None = None, rewards: "Rewards | None" = None):
+    """G completions per question. With `rewards`, returns (completions, rewards(completions)):
+    on several processes each process grades only the completions it sampled (unless a reward
+    needs the whole batch, e.g. a reward model), and the values are gathered with the rows."""
     cfg = self.sampling_cfg if n is None else dataclasses.replace(self.sampling_cfg, n=n)
-    with sharding.use_mesh(self.mesh, sharding.SAMPLING_RULES):
-      output = generation.generate(self.sampler, [q.ids for q in questions], cfg, self.budget,
-                                   batch_size=self.rcfg.batch_size,
-                                   seed_for=lambda start: jax.random.fold_in(jax.random.key(seed), start))
+    prompts = [q.ids for q in questions]
+    seed_for = lambda start: jax.random.fold_in(jax.random.key(seed), start)
+    if not self.split:
+      with sharding.use_mesh(self.mesh, sharding.SAMPLING_RULES):
+        output = generation.generate(self.sampler, prompts, cfg, self.budget, batch_size=self.rcfg.batch_size,
+                                     seed_for=seed_for)
+      c = self._completions(questions, cfg.n, output)
+      return c if rewards is None else (c, rewards(c))
+    grade_here = rewards is not None and rewards.per_row
+    chunk = self.rcfg.batch_size or len(prompts)
+    outs, values, local_rows = [], [], []
+    for start in range(0, len(prompts), chunk):
+      part = prompts[start:start + chunk]
+      with sharding.use_mesh(self.mesh, sharding.SAMPLING_RULES):
+        mine = distributed.generate_share(self.sampler, part, cfg, self.budget, seed_for(start), gather=False)
+      rows = distributed.share(len(part), jax.process_index(), jax.process_count())
+      local_rows.append(np.arange(rows.start * cfg.n, rows.stop * cfg.n) + start * cfg.n)
+      graded = {}
+      if grade_here:
+        graded = rewards(self._completions([questions[start + i] for i in rows], cfg.n, mine.to_output()))
+      full, graded = distributed.gather_share(mine, len(part), cfg.n, graded)
+      outs.append(full.to_output())
+      values.append(graded)
+    output = outs[0] if len(outs) == 1 else generation.concat(outs, cfg.n)
+    c = self._completions(questions, cfg.n, output, local_rows=np.concatenate(local_rows))
+    if rewards is None:
+      return c
+    if not grade_here:
+      return c, rewards(c)
+    return c, {k: np.concatenate([v[k] for v in values]) for k in values[0]}
+
+  def _completions(self, questions, n: int, output: SamplingOutput, **kw) -> Completions:
     texts, graded = generation.decode(self.tokenizer, output)
-    return Completions(list(questions), cfg.n, output, texts, graded)
+    return Completions(list(questions), n, output, texts, graded, **kw)
 
 
 # ---------------------------------------------------------------------------------------- rewards
@@ -145,6 +211,9 @@ class Rewards:
         self.fns[name] = load_scorer(name[len("reward_model:"):])
       else:
         self.fns[name] = get_reward_fn(name)
+    # Every value depends on its own row only (no reward model batching the whole rollout), so
+    # each process can grade the rows it sampled.
+    self.per_row = not any(name.startswith("reward_model:") for name in self.fns)
 
   def __call__(self, c: Completions) -> dict[str, np.ndarray]:
     """{"reward": [N] weighted total, "correct": [N] bool (the accuracy reward's verdict), name: [N] each}."""

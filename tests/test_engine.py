@@ -157,6 +157,27 @@ def test_bucketed_decode_attention_equals_full():
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_bucketed_decode_engines_equal_whole_cache(pair, monkeypatch):
+  """Length-aware decode attention through the whole loop: with 8-slot buckets a row crosses
+  several (cache 16 + 40 = 56 slots: buckets 8, 16, 32, 56), in both engines, greedy tokens equal
+  attention over the whole cache. Traces read the switches, so the jit caches are cleared."""
+  from jaxreason.ops import attention as ops
+  _, sampler = pair
+  cfg = SamplingConfig(max_new_tokens=40, stop_token_ids=(EOS, 77), stop_sequences=((12, 13),), n=2)
+  jax.clear_caches()
+  monkeypatch.setattr(ops, "BUCKETED_DECODE", False)
+  whole = sampler.generate(PROMPTS, cfg, engine="dense")
+  lengths = {len(t) for t in whole.tokens}
+  assert len(lengths) > 2 and max(lengths) > 16, lengths  # rows end in different buckets
+  jax.clear_caches()
+  monkeypatch.setattr(ops, "BUCKETED_DECODE", True)
+  monkeypatch.setattr(ops, "DECODE_BLOCK", 8)
+  assert ops.kv_buckets(56) == (8, 16, 32, 56)
+  for engine in ("dense", "continuous"):
+    _same(sampler.generate(PROMPTS, cfg, engine=engine, slots=4), whole)
+  jax.clear_caches()
+
+
 def test_per_row_cache_write():
   from jaxreason.nn.layers import write_cache
   buf = jnp.zeros((2, 3, 6, 1))

@@ -137,14 +137,19 @@ def attention(q, k, v, *, mask, scale, backend="xla", q_segments=None, kv_segmen
   return xla_attention(q, k, v, mask, scale)
 
 
-# Bucketed decode attention (below) is off by default: on XLA:CPU the `lax.switch` cost more than the
-# slots it saved (tools/bench_rollout.py prints both). Set True to try it on an accelerator.
-BUCKETED_DECODE = False
+# Bucketed decode attention (below), on by default. It was off: the switch took the layer's cache
+# `ck[layer]` as its operand, which XLA materialises (a copy of the layer's whole cache per step), and
+# the benchmark timed both modes with one cached trace. With the stacked cache as the operand and the
+# slice inside each branch, XLA:CPU decode at context 128 of a 4,224-slot cache ran ~7x faster than
+# attention over the whole cache (tools/bench_rollout.py). False: one branch, the whole cache.
+BUCKETED_DECODE = True
+DECODE_BLOCK = 128  # the smallest bucket (read at trace time, like BUCKETED_DECODE)
 
 
-def kv_buckets(cache_len: int, block: int = 128) -> tuple[int, ...]:
-  """Static key lengths decode attention may run at: block, 2 block, 4 block, ... < cache_len, cache_len."""
-  sizes, b = [], block
+def kv_buckets(cache_len: int, block: int | None = None) -> tuple[int, ...]:
+  """Static key lengths decode attention may run at: block (default DECODE_BLOCK), 2 block, 4 block,
+  ... < cache_len, cache_len."""
+  sizes, b = [], DECODE_BLOCK if block is None else block
   while b < cache_len:
     sizes.append(b)
     b *= 2
@@ -152,31 +157,37 @@ def kv_buckets(cache_len: int, block: int = 128) -> tuple[int, ...]:
 
 
 def cached_attention(q, ck, cv, layer: int, q_positions, q_segments, kv_positions, kv_segments, live, *, scale,
-                     backend="xla", block: int = 128, bucketed: bool | None = None):
+                     backend="xla", block: int | None = None, bucketed: bool | None = None):
   """Attention of q [B, T, N, H] over the first `live` slots of layer `layer` of a cache [L, B, S, K, H].
 
   `live` (a traced scalar: the longest live row's filled length) picks the smallest bucket of
   `kv_buckets(S)` that holds it, so a step at context 200 reads 256 slots, not S. Slots past `live`
   are empty (segment 0) for every row, so the result equals attention over the whole cache. The
-  slicing happens inside the chosen branch, so only the bucket is read. `bucketed` False (the
-  default, `BUCKETED_DECODE`): one branch, the whole cache.
+  slicing happens inside the chosen branch, so only the bucket is read (and XLA:CPU's per-step
+  transposed copy of K/V for the dot is bucket-sized too). `bucketed` (default `BUCKETED_DECODE`,
+  True) False: one branch, the whole cache.
   """
   bucketed = BUCKETED_DECODE if bucketed is None else bucketed
+  block = DECODE_BLOCK if block is None else block
   buckets = kv_buckets(ck.shape[2], block) if bucketed else (ck.shape[2],)
   dt = q.dtype
   backend = resolve_backend(backend)
 
   def at(size):
     def branch(q, ck, cv, kv_positions, kv_segments):
-      k = jax.lax.slice_in_dim(ck, 0, size, axis=1).astype(dt)
-      v = jax.lax.slice_in_dim(cv, 0, size, axis=1).astype(dt)
+      # [B, size, K, H]: layer `layer`, slots [0, size) read straight from the stacked cache
+      start, shape = (layer, 0, 0, 0, 0), (1, ck.shape[1], size) + ck.shape[3:]
+      k = jax.lax.dynamic_slice(ck, start, shape)[0].astype(dt)
+      v = jax.lax.dynamic_slice(cv, start, shape)[0].astype(dt)
       mask = masks.attention_mask(q_positions, q_segments, kv_positions[:, :size], kv_segments[:, :size])
       if backend == "cudnn":
         return cudnn_attention(q, k, v, mask, scale)
       return xla_attention(q, k, v, mask, scale)
     return branch
 
-  operands = (q, ck[layer], cv[layer], kv_positions, kv_segments)
+  # The whole stacked cache goes into the switch (not `ck[layer]`, which would be materialised as
+  # the branch operand: a copy of the layer's cache every step); each branch slices what it reads.
+  operands = (q, ck, cv, kv_positions, kv_segments)
   if len(buckets) == 1:
     return at(buckets[0])(*operands)
   index = jnp.sum(jnp.asarray(buckets[:-1]) < live).astype(jnp.int32)

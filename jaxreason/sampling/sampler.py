@@ -396,11 +396,12 @@ def _cast_state(state, dtype):
 
 
 def _fetch(s: DecodeState) -> types.SimpleNamespace:
-  """The result fields on the host (not the KV cache); gathered from every process on multi-host meshes."""
+  """The result fields on the host (not the KV cache); gathered from every process when the sampler
+  runs on a multi-host mesh (not when its weights, and so its program, are process-local)."""
   out = dict(tokens=s.out.tokens, logprobs=s.out.logprobs, entropies=s.out.entropies, injected=s.out.injected,
              length=s.stats.length, finish=s.stats.finish, think_total=s.stats.think_total,
              answer_tokens=s.stats.answer_tokens, waits=s.stats.waits, forced=s.stats.forced)
-  if jax.process_count() > 1:
+  if not all(x.is_fully_addressable for x in out.values()):
     from jax.experimental import multihost_utils
     out = multihost_utils.process_allgather(out, tiled=True)
   else:

@@ -115,8 +115,7 @@ def collect(roller: RolloutSampler, rewards: Rewards, stream: QuestionStream, cf
   while True:
     questions = stream.take(need)  # a refill samples a whole batch too (one compiled shape); extras are dropped
     seed = (cfg.seed * 1_000_003 + step) * 101 + rounds
-    c = roller.sample(questions, seed=seed)
-    r = rewards(c)
+    c, r = roller.sample(questions, seed=seed, rewards=rewards)  # each process grades what it sampled
     lengths = np.asarray([len(t) for t in c.output.tokens])
     if gc.overlong_buffer:
       penalty = gc.overlong_penalty * np.asarray(
