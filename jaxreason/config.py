@@ -29,6 +29,7 @@ from jaxreason.algorithms.expert_iteration.config import ExpertIterationConfig
 from jaxreason.algorithms.grpo.config import GRPOConfig
 from jaxreason.algorithms.reward_model.config import RewardModelConfig
 from jaxreason.formats import FORMATS
+from jaxreason.lora.config import LoraConfig
 from jaxreason.models.config import ModelConfig, RopeScaling  # noqa: F401  (RopeScaling: `model.rope_scaling`)
 from jaxreason.sharding import MeshConfig
 from jaxreason.yamlconfig import ConfigError, Key, choice, choice_detail, dotted, in_range, positive, require
@@ -286,6 +287,7 @@ class TrainConfig:
   dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
   reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
   expert_iteration: ExpertIterationConfig = dataclasses.field(default_factory=ExpertIterationConfig)
+  lora: LoraConfig | None = None  # low-rank adapters on a frozen base, for every algorithm; null: full training
 
   def __post_init__(self):
     require(bool(self.output_dir), "output_dir", "must not be empty")
