@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 import yaml
 
+from jaxreason.algorithms.distill.config import DistillConfig
 from jaxreason.algorithms.dpo.config import DPOConfig
 from jaxreason.algorithms.expert_iteration.config import ExpertIterationConfig
 from jaxreason.algorithms.grpo.config import GRPOConfig
@@ -43,7 +44,7 @@ __all__ = [
     "dump_yaml", "EXECUTION_FIELDS",
 ]
 
-ALGORITHMS = ("sft", "pretrain", "dpo", "grpo", "reward_model", "expert_iteration")
+ALGORITHMS = ("sft", "pretrain", "dpo", "grpo", "reward_model", "expert_iteration", "distill")
 # `preference`: prompt/chosen/rejected rows for dpo and reward_model (jaxreason.data.preference).
 DATA_FORMATS = ("s1", "think", "chat_messages", "prompt_response", "minimind", "r1_zero", "pretrain_text",
                 "preference")
@@ -287,6 +288,7 @@ class TrainConfig:
   dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
   reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
   expert_iteration: ExpertIterationConfig = dataclasses.field(default_factory=ExpertIterationConfig)
+  distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)  # algorithm distill (SPEC §11)
   lora: LoraConfig | None = None  # low-rank adapters on a frozen base, for every algorithm; null: full training
 
   def __post_init__(self):

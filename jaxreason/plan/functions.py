@@ -54,6 +54,15 @@ def train_state(cfg, model_cfg: ModelConfig, mesh: Mesh, total_steps: int = 1000
   abs_params = nnx.to_pure_dict(abs_state)
   tx, schedule = make_tx(cfg, abs_params, total_steps)
   shardings = state_shardings(abs_state, tx, mesh, sharding.TRAIN_RULES)
+  from jaxreason.lora.train import spec_of
+  spec = spec_of(tx)  # LoRA: params are the adapters, the frozen (int8 with QLoRA) base rides in `frozen`
+  if spec is not None:
+    from jaxreason.lora import adapters as la
+    frozen = jax.eval_shape(lambda p: la.split(p, spec, 0)[1], abs_params)
+    abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                              la.abstract_trainable(abs_params, spec))
+    abstract = dataclasses.replace(abstract, frozen=frozen)
+    return graphdef, abs_state, _abstract(abstract, shardings), tx, schedule, shardings
   abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                             abs_params)
   return graphdef, abs_state, _abstract(abstract, shardings), tx, schedule, shardings
