@@ -54,7 +54,7 @@ def load_trainable(directory: str, step: int, abs_params: dict, spec, mesh=None)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   one = NamedSharding(mesh, PartitionSpec())
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                        adapters.abstract_trainable(abs_params, spec))
+                        adapters.abstract_trainable(abs_params, spec))  # the trainer's layout (adapters replicated)
   where = os.path.join(directory, str(step))
   try:
     with ocp.CheckpointManager(directory) as mngr:
@@ -66,13 +66,20 @@ def load_trainable(directory: str, step: int, abs_params: dict, spec, mesh=None)
   return restored.params
 
 
-def load_merged(directory: str, step: int, pointer: dict, stored_cfg, mesh=None, rules=sharding.TRAIN_RULES):
-  """-> (merged Transformer in the stored layout, spec, trainable tree, base Transformer)."""
+def load_merged_params(directory: str, step: int, pointer: dict, stored_cfg, mesh=None, rules=sharding.TRAIN_RULES,
+                       extras: dict | None = None):
+  """-> (graphdef, merged parameter dict, spec, trainable tree). `extras`: abstract non-model
+  parameters the run also trained (the reward model's score head), restored and returned with them."""
   spec = spec_from_pointer(pointer)
   base = load_base(pointer, stored_cfg, mesh, rules)
   graphdef, state = nnx.split(base)
   params = nnx.to_pure_dict(state)
-  trainable = load_trainable(directory, step, params, spec, mesh)
+  trainable = load_trainable(directory, step, {**params, **(extras or {})}, spec, mesh)
   frozen = {"base": adapters.frozen_base(params, spec), "scale": np.float32(spec.scale)}
-  merged = jax.jit(adapters.merge)(frozen, trainable)
-  return nnx.merge(graphdef, merged), spec, trainable, base
+  return graphdef, jax.jit(adapters.merge)(frozen, trainable), spec, trainable
+
+
+def load_merged(directory: str, step: int, pointer: dict, stored_cfg, mesh=None, rules=sharding.TRAIN_RULES):
+  """-> (merged Transformer in the stored layout, spec, trainable tree)."""
+  graphdef, merged, spec, trainable = load_merged_params(directory, step, pointer, stored_cfg, mesh, rules)
+  return nnx.merge(graphdef, merged), spec, trainable
