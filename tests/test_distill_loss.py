@@ -76,3 +76,16 @@ def test_kd_ce_mix_is_token_mean_over_the_mask():
   loss, sums = kd_loss(d, lp, jnp.asarray(mask), 0.7, jnp.asarray(n))
   kd, ce = (np.asarray(d) * mask).sum() / n, (-np.asarray(lp) * mask).sum() / n
   np.testing.assert_allclose(float(loss), 0.3 * ce + 0.7 * kd, rtol=1e-6)
+
+
+def test_quickstart_distill_config_is_valid():
+  import os
+  from jaxreason.config import load_config
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cfg = load_config(os.path.join(repo, "configs", "quickstart_distill.yaml"))
+  teacher = load_config(os.path.join(repo, "configs", "quickstart.yaml"))
+  assert cfg.algorithm == "distill" and cfg.distill.teacher == teacher.output_dir
+  assert cfg.model.num_layers * 2 == teacher.model.num_layers and cfg.model.hidden_size == teacher.model.hidden_size
+  assert cfg.data == teacher.data and cfg.train == teacher.train  # the same data and steps as the SFT baseline
+  sft = load_config(os.path.join(repo, "configs", "quickstart_distill.yaml"), ["algorithm=sft"])
+  assert sft.model == cfg.model
