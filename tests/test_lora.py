@@ -115,3 +115,22 @@ def test_qlora_int8_logits_near_the_fp32_base_and_smaller():
   assert 0 < err < 0.02, err
   proj = lambda tree: la.tree_bytes([v for p, v in la.flatten(tree).items() if la.projection_of(p)])  # noqa: E731
   assert proj(frozen["base"]) < 0.3 * proj({k: v for k, v in params.items() if k in la.MODEL_KEYS})
+
+
+def test_base_dtype_keeps_the_frozen_base_in_bf16_and_the_state_shardings_cover_it():
+  from jaxreason import sharding
+  from jaxreason.lora.train import LoraTransformation
+  from jaxreason.models.build import abstract_model
+  from jaxreason.train.state import state_shardings
+  model = init_model(CFG, seed=1)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  spec = LoraConfig(rank=4, alpha=8.0, base_dtype="bfloat16", quantize="int8", targets=("q",))
+  trainable, frozen = la.split(params, spec, seed=0)
+  assert frozen["base"]["embed"]["embedding"].dtype == jnp.bfloat16
+  assert trainable["lora"]["layers"]["attn"]["q_proj"]["a"].dtype == jnp.float32  # adapters stay fp32
+  tx, _ = make_optimizer(trainable, lr=1e-3, total_steps=10, warmup=0)
+  mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+  sh = state_shardings(nnx.state(abstract_model(CFG)), LoraTransformation(tx.init, tx.update, spec), mesh)
+  assert jax.tree.structure(sh.params) == jax.tree.structure(trainable)
+  assert jax.tree.structure(sh.frozen) == jax.tree.structure(frozen)

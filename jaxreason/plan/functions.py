@@ -137,7 +137,9 @@ def grpo_functions(cfg, model_cfg, mesh, prompt_len: int = 512) -> list[Planned]
   if gc.beta > 0:
     dt = jnp.dtype(model_cfg.dtype)
     ref = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
-                                                      sharding=a.sharding), state.params)
+                                                      sharding=a.sharding),
+                       state.params if state.frozen is None else  # LoRA: the reference is the base model
+                       _abstract(nnx.to_pure_dict(abs_state), sharding.pure_shardings(abs_state, mesh, sharding.TRAIN_RULES)))
     rows = {k: _rows(mesh, (accum, micro, t), jnp.int32) for k in ("inputs", "targets", "positions", "segments")}
     out.append(Planned("reference scorer", make_ref_scorer(graphdef, rc.temperature), (ref, rows), "score",
                        accum * micro, t, rules=sharding.TRAIN_RULES, mesh=mesh,
