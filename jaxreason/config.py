@@ -269,7 +269,7 @@ class RolloutConfig:
 class TrainConfig:
   output_dir: str  # checkpoints, logs and the resolved config go here
   seed: int = 0  # parameter init, data order and sampling
-  algorithm: str = "sft"  # sft | pretrain | dpo | grpo | reward_model | expert_iteration
+  algorithm: str = "sft"  # sft | pretrain | dpo | grpo | reward_model | expert_iteration | distill
   init_from: str | None = None  # HF model dir or Orbax run/checkpoint dir; null: from scratch
   allow_config_change: bool = False  # resume even if architecture, data or batch size changed (CLI --allow-config-change)
   tokenizer: str | None = None  # tokenizer dir or "builtin:char"; null: init_from's

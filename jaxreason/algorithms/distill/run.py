@@ -41,11 +41,15 @@ def load_teacher(cfg, student_cfg, mesh):
     raise ValueError("algorithm distill needs distill.teacher: an HF model dir or an Orbax run of the teacher")
   if not os.path.isdir(path):
     raise ValueError(f"distill.teacher {path}: no such directory")
-  kw = {"dtype": student_cfg.dtype, "param_dtype": student_cfg.dtype, "scan_layers": True}
-  if checkpoint.is_checkpoint(path):
+  kw = {"dtype": student_cfg.dtype, "scan_layers": True}
+  if checkpoint.is_checkpoint(path):  # restored in its saved dtype (integrity is checked there), cast below
     teacher = checkpoint.load_model(path, mesh=mesh, **kw)
   else:
     teacher = load_hf_model(path, mesh=mesh, **kw)
+  dt = jnp.dtype(student_cfg.dtype)  # frozen: held in the compute dtype
+  graphdef, state = nnx.split(teacher)
+  state = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+  teacher = nnx.merge(graphdef, state)
   if teacher.cfg.vocab_size != student_cfg.vocab_size:
     raise ValueError(f"distill.teacher {path} has vocab_size {teacher.cfg.vocab_size}, the student "
                      f"{student_cfg.vocab_size}: teacher and student must share the tokenizer")
