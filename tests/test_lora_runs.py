@@ -114,3 +114,23 @@ def test_lora_reward_model_trains_head_and_adapters_and_scores(tmp_path, tiny_in
   score = load_scorer(cfg.output_dir)  # adapters + score head on the base they point at
   prompts = [r["prompt"] for r in rows]
   assert np.mean(score(prompts, [r["chosen"] for r in rows]) > score(prompts, [r["rejected"] for r in rows])) >= 0.7
+
+
+def test_lora_expert_iteration_every_checkpoint_points_at_its_base(tmp_path):
+  """Expert iteration saves between rounds outside `fit`: those steps carry the pointer too, and
+  the run loads merged (eval/export)."""
+  import test_expert_iteration as tei
+  from jaxreason import checkpoint
+  from jaxreason.algorithms.registry import run
+  from jaxreason.models.build import init_model
+  init = tmp_path / "init"
+  checkpoint.save_model(init_model(tei.TINY, seed=0), str(init / "checkpoints"), 0)
+  cfg = tei._ei_cfg(tmp_path / "ei", str(init), "expert_iteration.rounds=2", "lora={rank: 4, alpha: 8.0}")
+  run(cfg)
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "ei" / "checkpoints") if s.isdigit())
+  assert steps
+  for s in steps:
+    assert checkpoint.read_json_item(str(tmp_path / "ei" / "checkpoints"), s, "lora")["base"] == str(init)
+  merged = _params(tmp_path / "ei")
+  base = _params(init)
+  assert not np.array_equal(merged["layers"]["attn"]["v_proj"], base["layers"]["attn"]["v_proj"])

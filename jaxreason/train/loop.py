@@ -169,8 +169,13 @@ def make_tx(cfg, abs_params: dict, total_steps: int):
 
 
 def make_checkpointer(cfg) -> TrainCheckpointer:
+  items = None
+  if getattr(cfg, "lora", None) is not None:  # adapters only: every step records its base (jaxreason.lora.train)
+    from jaxreason.lora.train import LORA_ITEM, base_pointer
+    items = {LORA_ITEM: base_pointer(cfg)}
   return TrainCheckpointer(os.path.join(cfg.output_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
-                           keep_steps=tuple(cfg.checkpoint.keep_steps), async_save=cfg.checkpoint.async_save)
+                           keep_steps=tuple(cfg.checkpoint.keep_steps), async_save=cfg.checkpoint.async_save,
+                           items=items)
 
 
 def restore_or_init(rs: RunSetup, tx, shardings: TrainState, ckpt: TrainCheckpointer,
@@ -346,12 +351,7 @@ def fit(rs: "RunSetup", state: TrainState, *, start: int, total_steps: int,
 
   def save(step: int, force: bool = False):
     nans.check()  # stops (exit 3) before saving after too many non-finite steps in a row
-    ckpt.save(step, holder["state"], rs.model_cfg, save_meta(step), force=force, extra=items)
-
-  items = extra_items
-  if getattr(cfg, "lora", None) is not None:  # adapters only: the step records its base (jaxreason.lora.train)
-    from jaxreason.lora.train import LORA_ITEM, base_pointer
-    items = {**(extra_items or {}), LORA_ITEM: base_pointer(cfg)}
+    ckpt.save(step, holder["state"], rs.model_cfg, save_meta(step), force=force, extra=extra_items)
 
   for h in hooks:
     h.on_start(rs, state, start)
