@@ -9,6 +9,8 @@ from jaxreason.yamlconfig import choice, positive, require
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IS_LEVELS = ("token", "sequence")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")  # gae: algorithm ppo
+IS_CORRECTIONS = ("none", "tis", "mis")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +32,26 @@ class GRPOConfig:
   overlong_buffer: int | None = None  # DAPO overlong shaping: penalise length past max_new_tokens - buffer
   overlong_penalty: float = 1.0  # penalty at max_new_tokens (scaled linearly inside the buffer)
   advantage_eps: float = 1e-4
+  # SPEC §9 (jaxreason.algorithms.advantages): grpo | rloo | reinforce_pp | reinforce_pp_baseline
+  advantage_estimator: str = "grpo"
+  reward_kl_coef: float = 0.0  # REINFORCE++: k1 KL to the reference in the token rewards (needs the reference)
+  gamma: float = 1.0  # REINFORCE++: discount of the token rewards
+  # Sampler/trainer mismatch correction (SPEC §9): none | tis (weights capped at is_cap) | mis (masked above it)
+  is_correction: str = "none"
+  is_cap: float = 2.0
   log_samples_every: int = 10  # steps between logging sample generations (0: never)
 
   def __post_init__(self):
     choice(self, "scale_rewards", SCALE_REWARDS)
     choice(self, "loss_type", GRPO_LOSS_TYPES)
     choice(self, "importance_sampling_level", IS_LEVELS)
+    require(self.advantage_estimator != "gae", "advantage_estimator",
+            "gae needs a critic: use `algorithm: ppo` (its `ppo:` section) instead")
+    choice(self, "advantage_estimator", ADVANTAGE_ESTIMATORS)
+    choice(self, "is_correction", IS_CORRECTIONS)
+    positive(self, "is_cap")
+    require(0 < self.gamma <= 1, "gamma", f"must be in (0, 1]; got {self.gamma}")
+    require(self.reward_kl_coef >= 0, "reward_kl_coef", f"must be >= 0; got {self.reward_kl_coef}")
     for name in ("eps_low", "eps_high", "beta", "entropy_coef", "overlong_penalty"):
       require(getattr(self, name) >= 0, name, f"must be >= 0; got {getattr(self, name)}")
     require(self.eps_low < 1, "eps_low", f"must be < 1; got {self.eps_low}")

@@ -103,19 +103,23 @@ def dynamic_sampling_filter(rewards: np.ndarray) -> np.ndarray:
 # The policy loss (TRL GRPOTrainer semantics).
 
 
-def policy_loss(logp: Float[Array, "B T"], old_logp: Float[Array, "B T"], advantages: Float[Array, "B"],
+def policy_loss(logp: Float[Array, "B T"], old_logp: Float[Array, "B T"], advantages: Float[Array, "B"] | Float[Array, "B T"],
                 mask: Float[Array, "B T"], *, eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0,
                 ref_logp: Float[Array, "B T"] | None = None, loss_type: str = "grpo",
                 importance_sampling_level: str = "token", max_completion_length: int | None = None,
                 num_items_in_batch: float | jax.Array | None = None, entropy: Float[Array, "B T"] | None = None,
-                entropy_coef: float = 0.0):
+                entropy_coef: float = 0.0, is_weights: Float[Array, "B T"] | None = None):
   """Clipped surrogate (+ k3 KL) loss of one batch of completions -> (loss, metrics).
 
+  `advantages`: one per completion [B] (grpo, rloo) or one per token [B, T] (REINFORCE++, GAE;
+  `algorithms.advantages`). `is_weights`: the sampler/trainer mismatch correction per token
+  (`mismatch_weights`, detached), multiplying the clipped surrogate (not the KL or entropy terms).
   Gradients flow through `logp` (and `entropy` when entropy_coef != 0) only.
   """
   logp = logp.astype(jnp.float32)
   old_logp = sg(old_logp.astype(jnp.float32))
-  adv = sg(jnp.asarray(advantages, jnp.float32))[:, None]  # [B, 1]
+  adv = sg(jnp.asarray(advantages, jnp.float32))
+  adv = adv[:, None] if adv.ndim == 1 else adv  # [B, 1] or [B, T]
   m = mask.astype(jnp.float32)
   tokens_per_seq = jnp.maximum(jnp.sum(m, axis=1), 1.0)  # [B]
   tokens = jnp.maximum(jnp.sum(m), 1.0)
@@ -130,6 +134,8 @@ def policy_loss(logp: Float[Array, "B T"], old_logp: Float[Array, "B T"], advant
   rho = jnp.broadcast_to(jnp.exp(log_w), logp.shape)  # [B, T]
   rho_clip = jnp.clip(rho, 1.0 - eps_low, 1.0 + eps_high)
   per_token = -jnp.minimum(rho * adv, rho_clip * adv)  # [B, T]
+  if is_weights is not None:
+    per_token = per_token * sg(is_weights.astype(jnp.float32))
 
   metrics = {}
   if beta != 0.0:
@@ -160,6 +166,7 @@ def policy_loss(logp: Float[Array, "B T"], old_logp: Float[Array, "B T"], advant
     raise ValueError(f"loss_type must be 'grpo', 'bnpo', 'dr_grpo' or 'dapo', got {loss_type!r}")
 
   rho_s = sg(rho)
+  adv = jnp.broadcast_to(adv, logp.shape)
   low = (rho_s < 1.0 - eps_low) & (adv < 0)
   high = (rho_s > 1.0 + eps_high) & (adv > 0)
   metrics["clip_frac_low"] = jnp.sum(low * m) / tokens
@@ -169,6 +176,34 @@ def policy_loss(logp: Float[Array, "B T"], old_logp: Float[Array, "B T"], advant
   return loss, metrics
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Sampler/trainer mismatch correction (SPEC §9).
+
+IS_CORRECTIONS = ("none", "tis", "mis")
+
+
+def mismatch_weights(trainer_logp: Float[Array, "B T"], sampler_logp: Float[Array, "B T"], mask: Float[Array, "B T"],
+                     kind: str, cap: float = 2.0):
+  """Per-token weights w = exp(logp_trainer - logp_sampler) (detached) -> (weights, sums).
+
+  tis: min(w, cap) (truncated IS); mis: w, and 0 where w > cap (the token is masked). `sums`
+  (summed over the mask): token_mult_prob_error = exp(|logp_s - logp_t|) (NeMo-RL's gate, <= 1.05)
+  and is_truncated (tokens with w > cap: truncated by tis, masked by mis), to be divided by the
+  token count."""
+  m = mask.astype(jnp.float32)
+  d = sg(trainer_logp.astype(jnp.float32)) - sg(sampler_logp.astype(jnp.float32))
+  w = jnp.exp(d)
+  over = (w > cap).astype(jnp.float32)
+  if kind == "tis":
+    weights = jnp.minimum(w, cap)
+  elif kind == "mis":
+    weights = w * (1.0 - over)
+  else:
+    raise ValueError(f"is_correction must be one of {', '.join(IS_CORRECTIONS)}; got {kind!r}")
+  sums = {"token_mult_prob_error": jnp.sum(jnp.exp(jnp.abs(d)) * m), "is_truncated_frac": jnp.sum(over * m),
+          "is_weight_mean": jnp.sum(weights * m)}
+  return weights * m, sums
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,12 +230,20 @@ def grpo_micro_loss(model, mb: dict[str, jax.Array], norms: dict[str, jax.Array]
   logp, entropy = token_logprobs(hidden, model.unembedding(), mb["targets"], chunk=chunk, temperature=temperature,
                                  with_entropy=True)
   mask = mb["mask"]
-  old = sg(logp) if on_policy else mb["old_logp"]
+  # The old policy's log-probs: the policy's own (detached) on-policy; with num_iterations > 1 the
+  # trainer's at rollout time when they were scored ("trainer_logp", for the mismatch correction),
+  # otherwise the sampler's.
+  trainer = sg(logp) if on_policy else mb.get("trainer_logp", sg(logp))
+  old = sg(logp) if on_policy else mb.get("trainer_logp", mb["old_logp"])
   b = mask.shape[0]
   kind = gcfg.loss_type
+  correction = getattr(gcfg, "is_correction", "none")
+  weights, is_sums = None, {}
+  if correction != "none":  # SPEC §9: TIS / MIS against the sampler's log-probs
+    weights, is_sums = mismatch_weights(trainer, mb["old_logp"], mask, correction, gcfg.is_cap)
   kwargs = dict(eps_low=gcfg.eps_low, eps_high=gcfg.eps_high, beta=gcfg.beta, ref_logp=mb.get("ref_logp"),
                 importance_sampling_level=gcfg.importance_sampling_level, entropy=entropy,
-                entropy_coef=gcfg.entropy_coef)
+                entropy_coef=gcfg.entropy_coef, is_weights=weights)
   if kind in ("bnpo", "dapo"):  # sum over the batch's tokens / its token count
     loss, m = policy_loss(logp, old, mb["adv"], mask, loss_type="dapo", num_items_in_batch=norms["tokens"], **kwargs)
   elif kind == "grpo":  # mean over this micro-batch's sequences, reweighted to the batch's
@@ -212,10 +255,12 @@ def grpo_micro_loss(model, mb: dict[str, jax.Array], norms: dict[str, jax.Array]
     loss = loss * b / norms["sequences"]
   tokens = jnp.sum(mask)
   sums = {k: v * jnp.maximum(tokens, 1.0) for k, v in m.items()}  # metrics are means over these tokens
-  sums["sampler_logp_diff"] = jnp.sum(jnp.abs(sg(logp) - mb["old_logp"]) * mask)
+  sums["sampler_logp_diff"] = jnp.sum(jnp.abs(trainer - mb["old_logp"]) * mask)
   # NeMo-RL's token_mult_prob_error (jaxreason.sampling.metrics): masked mean of exp(|logp_sampler -
-  # logp_trainer|), here against the weights of this update (the first update of a step: the rollout's).
-  sums["token_mult_prob_error"] = jnp.sum(jnp.exp(jnp.abs(sg(logp) - mb["old_logp"])) * mask)
+  # logp_trainer|), against the weights of this update (the first update of a step: the rollout's)
+  # or the trainer's log-probs scored at rollout time.
+  sums["token_mult_prob_error"] = jnp.sum(jnp.exp(jnp.abs(trainer - mb["old_logp"])) * mask)
+  sums.update({k: v for k, v in is_sums.items() if k != "token_mult_prob_error"})
   return loss, sums
 
 

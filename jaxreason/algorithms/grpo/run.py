@@ -31,6 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxreason import generation, sharding
+from jaxreason.algorithms import advantages as adv_lib
 from jaxreason.algorithms.grpo import loss as grpo_lib
 from jaxreason.algorithms.grpo.loss import make_grpo_step, make_ref_scorer
 from jaxreason.rollout import Completions, QuestionStream, Rewards, RolloutSampler, load_questions
@@ -169,7 +170,7 @@ def rollout_batch(ro: Rollout, cfg, seq_len: int, pad_id: int) -> tuple[dict[str
   if rows:
     batch = {k: np.concatenate([x[k] for x in rows])[:need] for k in rows[0]}
     rew = np.concatenate(rewards_kept)[:need]
-    adv = np.asarray(grpo_lib.group_advantages(rew, g, scale_rewards=gc.scale_rewards, eps=gc.advantage_eps))
+    adv = adv_lib.sequence_scores(gc.advantage_estimator, rew, g, scale_rewards=gc.scale_rewards, eps=gc.advantage_eps)
   else:
     batch, rew, adv = None, np.zeros((0,), np.float32), np.zeros((0,), np.float32)
   n = 0 if batch is None else len(adv)
@@ -244,15 +245,19 @@ def run_grpo(cfg) -> dict[str, Any]:
   stream = QuestionStream(questions, cfg.seed, position=int(meta["stream_position"]) if meta else 0)
 
   ref_params, ref_score = None, None
-  if gc.beta > 0:  # the frozen initial policy, in the compute dtype
+  token_level = gc.advantage_estimator in adv_lib.TOKEN_ESTIMATORS
+  score_trainer = gc.is_correction != "none" and gc.num_iterations > 1  # the old policy's own log-probs
+  if gc.beta > 0 or (token_level and gc.reward_kl_coef > 0):  # the frozen initial policy, in the compute dtype
     with sharding.use_mesh(rs.mesh, rs.rules):
       ref_params = initial_params(cfg, rs.model_cfg, rs.mesh)
     dt = jnp.dtype(rs.model_cfg.dtype)
     ref_params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, ref_params)
+  if ref_params is not None or score_trainer:
     ref_score = make_ref_scorer(rs.graphdef, rc.temperature)
 
   ranks = {k: 3 for k in ("inputs", "targets", "positions", "segments", "mask", "old_logp")}
-  ranks.update(adv=2, valid=2, **({"ref_logp": 3} if gc.beta > 0 else {}))
+  ranks.update(adv=3 if token_level else 2, valid=2, **({"ref_logp": 3} if gc.beta > 0 else {}),
+               **({"trainer_logp": 3} if score_trainer else {}))
   batch_sharding = row_shardings(rs.mesh, ranks)
   step_fn = jit_step(make_grpo_step(rs.graphdef, tx, schedule, gc, temperature=rc.temperature,
                                     max_completion_length=rc.max_new_tokens), shardings, batch_sharding)
@@ -277,8 +282,18 @@ def run_grpo(cfg) -> dict[str, Any]:
     ro = collect(roller, rewards, stream, cfg, step)
     rows, metrics, samples = rollout_batch(ro, cfg, seq_len, tok.pad_token_id or 0)
     t1 = time.perf_counter()
-    if ref_score is not None:
+    if ref_params is not None:
       rows["ref_logp"] = _score_rows(ref_score, ref_params, rows, micro, rs)
+    if score_trainer:
+      rows["trainer_logp"] = _score_rows(ref_score, state.params, rows, micro, rs)
+    if token_level:  # REINFORCE++(-baseline): per-token returns, whitened over the batch (SPEC §9)
+      kl = None
+      if gc.reward_kl_coef > 0:
+        kl = rows.get("trainer_logp", rows["old_logp"]) - rows["ref_logp"]
+      rows["adv"], _ = adv_lib.token_advantages(gc.advantage_estimator, rows["adv"], rows["mask"], kl=kl,
+                                                kl_coef=gc.reward_kl_coef, gamma=gc.gamma)
+      if gc.beta == 0:
+        rows.pop("ref_logp", None)
     perm = np.random.default_rng([cfg.seed, step]).permutation(n_rollout)
     update_metrics, train_tokens = [], 0
     for it in range(gc.num_iterations):
@@ -313,6 +328,9 @@ def run_grpo(cfg) -> dict[str, Any]:
   finally:
     ckpt.close()
     logger.close()
+  if rs.is_main:
+    from jaxreason.algorithms.rl_plots import write_rewards_plot
+    write_rewards_plot(rs.out)
   return with_final_eval(cfg, {"final_step": step, "metrics": last})
 
 
