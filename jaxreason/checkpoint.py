@@ -206,6 +206,15 @@ def load_model(path: str, *, mesh: Mesh | None = None, rules: sharding.Rules = s
                      "jaxreason.algorithms.reward_model.loss.load_scorer, or use it as the reward 'reward_model:PATH'.")
   stored = load_model_config(path)
   cfg = stored.replace(**overrides)
+  from jaxreason.lora.checkpoint import load_merged, lora_pointer
+  pointer = lora_pointer(directory, step)
+  if pointer is not None:  # a LoRA step: its adapters merged into the base it points at
+    from jaxreason.models.layout import with_scan_layers
+    merged = load_merged(directory, step, pointer, stored, mesh, rules)[0]
+    if cfg.dtype != stored.dtype or cfg.attention_backend != stored.attention_backend or cfg.remat != stored.remat:
+      graphdef, state = nnx.split(merged)
+      merged = nnx.merge(nnx.split(abstract_model(cfg.replace(scan_layers=stored.scan_layers)))[0], state)
+    return with_scan_layers(merged, cfg.scan_layers)
   where = os.path.join(directory, str(step))
   # Restored in the layout it was saved in (integrity is checked on the saved leaf paths), then converted.
   graphdef, target = abstract_params(cfg.replace(scan_layers=stored.scan_layers), mesh, rules)

@@ -24,12 +24,14 @@ from typing import Callable, Sequence
 
 import yaml
 
+from jaxreason.algorithms.distill.config import DistillConfig
 from jaxreason.algorithms.dpo.config import DPOConfig
 from jaxreason.algorithms.expert_iteration.config import ExpertIterationConfig
 from jaxreason.algorithms.grpo.config import GRPOConfig
 from jaxreason.algorithms.ppo.config import PPOConfig
 from jaxreason.algorithms.reward_model.config import RewardModelConfig
 from jaxreason.formats import FORMATS
+from jaxreason.lora.config import LoraConfig
 from jaxreason.models.config import ModelConfig, RopeScaling  # noqa: F401  (RopeScaling: `model.rope_scaling`)
 from jaxreason.sharding import MeshConfig
 from jaxreason.yamlconfig import ConfigError, Key, choice, choice_detail, dotted, in_range, positive, require
@@ -43,7 +45,7 @@ __all__ = [
     "dump_yaml", "EXECUTION_FIELDS",
 ]
 
-ALGORITHMS = ("sft", "pretrain", "dpo", "grpo", "ppo", "reward_model", "expert_iteration")
+ALGORITHMS = ("sft", "pretrain", "dpo", "grpo", "ppo", "reward_model", "expert_iteration", "distill")
 # `preference`: prompt/chosen/rejected rows for dpo and reward_model (jaxreason.data.preference).
 DATA_FORMATS = ("s1", "think", "chat_messages", "prompt_response", "minimind", "r1_zero", "pretrain_text",
                 "preference")
@@ -268,7 +270,7 @@ class RolloutConfig:
 class TrainConfig:
   output_dir: str  # checkpoints, logs and the resolved config go here
   seed: int = 0  # parameter init, data order and sampling
-  algorithm: str = "sft"  # sft | pretrain | dpo | grpo | ppo | reward_model | expert_iteration
+  algorithm: str = "sft"  # sft | pretrain | dpo | grpo | ppo | reward_model | expert_iteration | distill
   init_from: str | None = None  # HF model dir or Orbax run/checkpoint dir; null: from scratch
   allow_config_change: bool = False  # resume even if architecture, data or batch size changed (CLI --allow-config-change)
   tokenizer: str | None = None  # tokenizer dir or "builtin:char"; null: init_from's
@@ -288,6 +290,8 @@ class TrainConfig:
   dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
   reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
   expert_iteration: ExpertIterationConfig = dataclasses.field(default_factory=ExpertIterationConfig)
+  distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)  # algorithm distill (SPEC §11)
+  lora: LoraConfig | None = None  # low-rank adapters on a frozen base, for every algorithm; null: full training
 
   def __post_init__(self):
     require(bool(self.output_dir), "output_dir", "must not be empty")
@@ -302,6 +306,9 @@ class TrainConfig:
                f"must be a positive size, or -1 for all remaining devices; got {size}")
     require(list(sizes.values()).count(-1) <= 1, ("mesh",),
              f"may use -1 for one axis only; got {sizes}")
+    require(self.lora is None or self.algorithm != "ppo", ("lora",),
+            "is not supported with algorithm ppo yet (its policy + critic state is built outside the shared "
+            "LoRA path, jaxreason.lora.train); train ppo without lora, or remove the lora section")
     warmup, steps = self.schedule.warmup_steps, self.train.max_steps
     require(warmup is None or steps is None or warmup <= steps, ("schedule", "warmup_steps"),
              f"({warmup}) must not exceed train.max_steps ({steps})")

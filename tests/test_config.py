@@ -201,7 +201,7 @@ def test_wrong_types(tmp_path):
 
 
 @pytest.mark.parametrize("line,expected", [
-    ("algorithm: sf", "algorithm must be one of sft, pretrain, dpo, grpo, reward_model, expert_iteration; "
+    ("algorithm: sf", "algorithm must be one of sft, pretrain, dpo, grpo, ppo, reward_model, expert_iteration, distill; "
                       "got 'sf' (did you mean 'sft'?)"),
     ("data: {format: thinking}", "data.format must be one of s1, think, chat_messages"),
     ("data: {on_bad_row: ignore}", "data.on_bad_row must be one of error, skip"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from jaxreason.algorithms.distill.run import run_distill
 from jaxreason.algorithms.dpo.run import run_dpo
 from jaxreason.algorithms.expert_iteration.run import run_expert_iteration
 from jaxreason.algorithms.grpo.run import run_grpo
@@ -19,6 +20,7 @@ ALGORITHMS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "dpo": run_dpo,
     "reward_model": run_reward_model,
     "expert_iteration": run_expert_iteration,
+    "distill": run_distill,
 }
 
 

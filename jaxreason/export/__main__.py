@@ -1,9 +1,16 @@
-"""`python -m jaxreason.export --checkpoint PATH --out DIR [--dtype float32|bfloat16]`.
+"""`python -m jaxreason.export --checkpoint PATH --out DIR [--dtype float32|bfloat16] [--format hf|peft] [--adapter PEFT_DIR]`.
 
-Writes a HuggingFace directory (sharded safetensors + index, config.json, generation_config.json,
+`--format hf` (default) writes a HuggingFace directory (sharded safetensors + index, config.json, generation_config.json,
 tokenizer files and chat template) that `transformers` and vLLM load. PATH is an Orbax checkpoint
 (a run directory, its `checkpoints/` folder or one step; see `jaxreason.checkpoint`) or a
-HuggingFace model directory (re-export, e.g. to change dtype or shard size).
+HuggingFace model directory (re-export, e.g. to change dtype or shard size). A LoRA run's
+checkpoint (adapters + a pointer to its base, `jaxreason.lora`) is exported merged
+(W + scale * A B). `--adapter PEFT_DIR` merges a PEFT LoRA adapter onto PATH first (PEFT import).
+
+`--format peft` writes the LoRA run's adapters as a PEFT directory (`adapter_config.json` +
+`adapter_model.safetensors`, SPEC §10 keys) that `peft.PeftModel.from_pretrained(hf_base, DIR)` loads
+onto the base model exported as HF (`--format hf` of the base); with `--adapter`, the PEFT adapter is
+re-written as it was imported.
 
 The export is written to a temporary directory beside DIR and renamed into place when complete,
 so DIR never holds a half-written or mixed export. A non-empty DIR is refused unless
@@ -28,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                  help="tensor dtype in the export (default: the parameters' dtype)")
   p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB")
   p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
+  p.add_argument("--format", choices=["hf", "peft"], default="hf",
+                 help="hf: the (merged) model as a HuggingFace dir; peft: a LoRA run's adapters as a PEFT dir")
+  p.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply to --checkpoint")
   args = p.parse_args(argv)
 
   src = args.checkpoint
@@ -47,6 +57,16 @@ def main(argv: list[str] | None = None) -> int:
   from jaxreason.io_utils import atomic_dir
   from jaxreason.models.hf import load_hf_model, save_hf_model
 
+  if args.adapter is not None and not os.path.isdir(args.adapter):
+    p.error(f"--adapter {args.adapter}: no such directory")
+  if args.format == "peft":
+    from jaxreason.lora.export import export_peft
+    try:
+      export_peft(src, args.out, adapter=args.adapter, dtype=args.dtype)
+    except ValueError as e:
+      p.error(str(e))
+    print(f"wrote {args.out}: PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)")
+    return 0
   if checkpoint.is_checkpoint(src):
     model = checkpoint.load_model(src)
     tok_dir = args.tokenizer or checkpoint.find_tokenizer_dir(src)
@@ -57,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
   else:
     p.error(f"--checkpoint {src}: neither an Orbax checkpoint (STEP/params under it or its checkpoints/) "
             "nor a HuggingFace model directory (config.json)")
+  if args.adapter is not None:
+    from jaxreason.lora.peft import load_with_peft_adapter
+    model = load_with_peft_adapter(model, args.adapter)
   tokenizer = None
   try:
     tokenizer = load_tokenizer(tok_dir) if tok_dir else None

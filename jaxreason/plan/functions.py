@@ -54,6 +54,15 @@ def train_state(cfg, model_cfg: ModelConfig, mesh: Mesh, total_steps: int = 1000
   abs_params = nnx.to_pure_dict(abs_state)
   tx, schedule = make_tx(cfg, abs_params, total_steps)
   shardings = state_shardings(abs_state, tx, mesh, sharding.TRAIN_RULES)
+  from jaxreason.lora.train import spec_of
+  spec = spec_of(tx)  # LoRA: params are the adapters, the frozen (int8 with QLoRA) base rides in `frozen`
+  if spec is not None:
+    from jaxreason.lora import adapters as la
+    frozen = jax.eval_shape(lambda p: la.split(p, spec, 0)[1], abs_params)
+    abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                              la.abstract_trainable(abs_params, spec))
+    abstract = dataclasses.replace(abstract, frozen=frozen)
+    return graphdef, abs_state, _abstract(abstract, shardings), tx, schedule, shardings
   abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                             abs_params)
   return graphdef, abs_state, _abstract(abstract, shardings), tx, schedule, shardings
@@ -128,7 +137,9 @@ def grpo_functions(cfg, model_cfg, mesh, prompt_len: int = 512) -> list[Planned]
   if gc.beta > 0:
     dt = jnp.dtype(model_cfg.dtype)
     ref = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype,
-                                                      sharding=a.sharding), state.params)
+                                                      sharding=a.sharding),
+                       state.params if state.frozen is None else  # LoRA: the reference is the base model
+                       _abstract(nnx.to_pure_dict(abs_state), sharding.pure_shardings(abs_state, mesh, sharding.TRAIN_RULES)))
     rows = {k: _rows(mesh, (accum, micro, t), jnp.int32) for k in ("inputs", "targets", "positions", "segments")}
     out.append(Planned("reference scorer", make_ref_scorer(graphdef, rc.temperature), (ref, rows), "score",
                        accum * micro, t, rules=sharding.TRAIN_RULES, mesh=mesh,

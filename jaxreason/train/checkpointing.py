@@ -41,8 +41,10 @@ def _by_path(tree) -> dict[str, Any]:
 class TrainCheckpointer:
 
   def __init__(self, directory: str, *, keep_last: int = 3, keep_steps: tuple[int, ...] = (),
-               async_save: bool = True):
+               async_save: bool = True, items: dict[str, dict] | None = None):
+    """`items`: JSON items written with every step (e.g. a LoRA run's pointer to its base)."""
     self.directory = os.path.abspath(directory)
+    self.items = dict(items or {})
     from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
     policies = [pp.LatestN(keep_last)]
     if keep_steps:
@@ -70,7 +72,7 @@ class TrainCheckpointer:
       good = self.manager.latest_step()
       raise NonFiniteError(f"step {step}: the parameters hold {bad} NaN/inf values; not saved"
                            + (f" (last good checkpoint: step {good} in {self.directory})" if good is not None else ""))
-    items = {name: ocp.args.JsonSave(value) for name, value in (extra or {}).items()}
+    items = {name: ocp.args.JsonSave(value) for name, value in {**self.items, **(extra or {})}.items()}
     items[INTEGRITY_ITEM] = ocp.args.JsonSave(sums)
     saved = self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),

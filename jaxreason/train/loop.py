@@ -156,6 +156,12 @@ def make_tx(cfg, abs_params: dict, total_steps: int):
   """AdamW + schedule from the config's optimizer and schedule sections -> (tx, schedule)."""
   warmup = optim.warmup_steps(total_steps, cfg.schedule.warmup_steps, cfg.schedule.warmup_ratio)
   o = cfg.optimizer
+  lora = getattr(cfg, "lora", None)
+  if lora is not None:  # the optimizer holds the adapters' state only (jaxreason.lora.train)
+    from jaxreason.lora.adapters import abstract_trainable
+    from jaxreason.lora.train import LoraTransformation
+    tx, schedule = make_tx(dataclasses.replace(cfg, lora=None), abstract_trainable(abs_params, lora), total_steps)
+    return LoraTransformation(tx.init, tx.update, lora), schedule
   return optim.make_optimizer(
       abs_params, lr=o.lr, total_steps=total_steps, warmup=warmup, decay=cfg.schedule.decay,
       min_lr_ratio=cfg.schedule.min_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
@@ -163,24 +169,49 @@ def make_tx(cfg, abs_params: dict, total_steps: int):
 
 
 def make_checkpointer(cfg) -> TrainCheckpointer:
+  items = None
+  if getattr(cfg, "lora", None) is not None:  # adapters only: every step records its base (jaxreason.lora.train)
+    from jaxreason.lora.train import LORA_ITEM, base_pointer
+    items = {LORA_ITEM: base_pointer(cfg)}
   return TrainCheckpointer(os.path.join(cfg.output_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
-                           keep_steps=tuple(cfg.checkpoint.keep_steps), async_save=cfg.checkpoint.async_save)
+                           keep_steps=tuple(cfg.checkpoint.keep_steps), async_save=cfg.checkpoint.async_save,
+                           items=items)
 
 
 def restore_or_init(rs: RunSetup, tx, shardings: TrainState, ckpt: TrainCheckpointer,
                     params_fn: Callable[[], dict] | None = None) -> tuple[TrainState, dict | None]:
   """The latest checkpoint's state and train_meta, or a fresh state (params from `params_fn`,
   default: `init_from` or a seeded init) and None."""
+  from jaxreason.lora import adapters as lora_adapters
+  from jaxreason.lora.train import spec_of
+  spec = spec_of(tx)  # LoRA: the state's params are the adapters; the base is loaded beside them
+  abs_params = rs.abs_params if spec is None else lora_adapters.abstract_trainable(rs.abs_params, spec)
+  trained = dataclasses.replace(shardings, frozen=None)
+
+  def base() -> dict:
+    with sharding.use_mesh(rs.mesh, rs.rules):
+      return params_fn() if params_fn is not None else initial_params(rs.cfg, rs.model_cfg, rs.mesh)
+
+  def with_frozen(state: TrainState, params: dict) -> TrainState:
+    frozen = {"base": lora_adapters.frozen_base(params, spec), "scale": jnp.asarray(spec.scale, jnp.float32)}
+    return dataclasses.replace(state, frozen=jax.device_put(frozen, shardings.frozen))
+
   latest = ckpt.latest_step()
   if latest is not None:
     abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                              rs.abs_params)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+                              abs_params)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, trained)
     state, meta, _ = ckpt.restore(latest, abstract)
-    return state, meta
+    return (state if spec is None else with_frozen(state, base())), meta
+  params = base()
+  if spec is None:
+    with sharding.use_mesh(rs.mesh, rs.rules):
+      return init_train_state(params, tx, shardings), None
+  trainable, _ = lora_adapters.split(params, spec, rs.cfg.seed)
+  trainable = jax.device_put(trainable, trained.params)
   with sharding.use_mesh(rs.mesh, rs.rules):
-    params = params_fn() if params_fn is not None else initial_params(rs.cfg, rs.model_cfg, rs.mesh)
-    return init_train_state(params, tx, shardings), None
+    state = init_train_state(trainable, tx, trained)
+  return with_frozen(state, params), None
 
 
 def make_logger(rs: RunSetup, total_steps: int, start: int) -> metrics_log.MetricsLogger:

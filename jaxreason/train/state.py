@@ -24,6 +24,9 @@ class TrainState:
   step: jax.Array
   params: dict
   opt_state: Any
+  # LoRA (jaxreason.lora): the frozen base {"base", "scale"}; `params` then holds the adapters.
+  # Not trained and not checkpointed (the checkpoint points at the base).
+  frozen: Any = None
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -38,12 +41,22 @@ def state_shardings(abs_state: nnx.State, tx: optax.GradientTransformation, mesh
 
 def params_state_shardings(abs_params: dict, param_shardings: dict, tx: optax.GradientTransformation,
                            mesh: Mesh) -> TrainState:
-  """Shardings for a TrainState of any parameter dict (e.g. a decoder plus a reward head)."""
+  """Shardings for a TrainState of any parameter dict (e.g. a decoder plus a reward head).
+
+  With a LoRA optimizer (`jaxreason.lora.train.LoraTransformation`) `params` are the trainable
+  adapters (and extras) and `frozen` the base's shardings."""
+  from jaxreason.lora import adapters as lora_adapters
+  from jaxreason.lora.train import spec_of
+  spec, frozen = spec_of(tx), None
+  if spec is not None:
+    frozen = lora_adapters.frozen_shardings(abs_params, param_shardings, spec, mesh)
+    param_shardings = lora_adapters.trainable_shardings(abs_params, param_shardings, spec, mesh)
+    abs_params = lora_adapters.abstract_trainable(abs_params, spec)
   abs_opt = jax.eval_shape(tx.init, abs_params)
   opt_shardings = optax.tree_utils.tree_map_params(
       tx, lambda _, s: s, abs_opt, param_shardings,
       transform_non_params=lambda _: replicated(mesh))
-  return TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+  return TrainState(step=replicated(mesh), params=param_shardings, opt_state=opt_shardings, frozen=frozen)
 
 
 def init_train_state(params: dict, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxreason.lora.adapters import merge as lora_merge
 from jaxreason.train.nan_guard import guard_step
 from jaxreason.train.state import TrainState
 
@@ -43,16 +44,20 @@ def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, 
   def step(state: TrainState, batch: dict[str, jax.Array], *extra: Any):
     flat = flatten_micro(batch)
     norms = normalizers_fn(flat)
+    if state.frozen is not None:  # LoRA: the loss sees base + adapters; gradients reach the adapters only
+      loss_fn_ = lambda p, *a: loss_fn(lora_merge(state.frozen, p), *a)  # noqa: E731
+    else:
+      loss_fn_ = loss_fn
 
     def micro(carry, mb):
       grads_acc, loss_acc, sums_acc = carry
-      (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, norms, *extra)
+      (loss, sums), grads = jax.value_and_grad(loss_fn_, has_aux=True)(state.params, mb, norms, *extra)
       grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
       return (grads_acc, loss_acc + loss, jax.tree.map(jnp.add, sums_acc, sums)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     first = jax.tree.map(lambda x: x[0], batch)
-    sums_shape = jax.eval_shape(lambda p: loss_fn(p, first, norms, *extra)[1], state.params)
+    sums_shape = jax.eval_shape(lambda p: loss_fn_(p, first, norms, *extra)[1], state.params)
     sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
     (grads, loss, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), sums0), batch)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
@@ -60,7 +65,7 @@ def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, 
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **(metrics_fn(sums, norms, flat) if metrics_fn is not None else sums),
                "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, frozen=state.frozen), metrics
 
   return step
 

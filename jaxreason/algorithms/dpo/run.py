@@ -68,12 +68,13 @@ def run_dpo(cfg) -> dict[str, Any]:
     ref_params = initial_params(cfg, rs.model_cfg, rs.mesh)
   state, meta = restore_or_init(rs, tx, shardings, ckpt, params_fn=lambda: jax.tree.map(jnp.copy, ref_params))
 
+  ref_shardings = sharding.pure_shardings(rs.abs_state, rs.mesh, rs.rules)  # the model's (also with LoRA)
   d = cfg.dpo
   step_fn = make_dpo_step(rs.graphdef, tx, schedule, beta=d.beta, loss_type=d.loss_type,
                           label_smoothing=d.label_smoothing, precompute_ref=d.precompute_ref)
   batch_sharding = pairs.rows_sharding(rs.mesh)
   if d.precompute_ref:
-    table = precompute_ref_logps(rs, data, ref_params, shardings.params,
+    table = precompute_ref_logps(rs, data, ref_params, ref_shardings,
                                  cfg.train.micro_batch_size or cfg.train.global_batch_size)
     del ref_params
     jitted = jit_step(step_fn, shardings, batch_sharding)
@@ -81,7 +82,7 @@ def run_dpo(cfg) -> dict[str, Any]:
     def prepare(local):
       return {**pairs.without_index(local), "ref_logps": table[local["index"]]}
   else:
-    with_ref = jit_step(step_fn, shardings, batch_sharding, shardings.params)
+    with_ref = jit_step(step_fn, shardings, batch_sharding, ref_shardings)
 
     def jitted(state, batch):
       return with_ref(state, batch, ref_params)

@@ -33,6 +33,7 @@ from jaxreason.train import metrics_log
 from jaxreason.train.loop import (PreemptionGuard, StepOutput, fit, global_batch, make_checkpointer, make_logger,
                                   make_tx, restore_or_init, row_shardings, setup_run, with_final_eval)
 from jaxreason.train.state import state_shardings
+from jaxreason.lora.adapters import merged_params
 from jaxreason.train.step import jit_step
 
 
@@ -94,7 +95,7 @@ def run_expert_iteration(cfg) -> dict[str, Any]:
         resumed_mid_round = meta.get("round_data_state") is not None and int(meta["round"]) == r
         t0 = time.perf_counter()
         if not (resumed_mid_round and os.path.exists(path)):
-          roller.set_params(state.params)
+          roller.set_params(merged_params(state))  # LoRA: a merged sampling copy
           c = roller.sample(stream.take(ec.questions_per_round), seed=cfg.seed * 1_000_003 + r)
           graded = rewards(c)
           correct = graded["reward" if ec.reward else "correct"] >= 1.0 - 1e-9

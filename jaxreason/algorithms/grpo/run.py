@@ -38,6 +38,7 @@ from jaxreason.rollout import Completions, QuestionStream, Rewards, RolloutSampl
 from jaxreason.train.loop import (RunSetup, StepOutput, fit, global_batch, initial_params, make_checkpointer,
                                   make_logger, make_tx, restore_or_init, row_shardings, setup_run, with_final_eval)
 from jaxreason.train.state import state_shardings
+from jaxreason.lora.adapters import merged_params
 from jaxreason.train.step import jit_step
 
 
@@ -276,7 +277,7 @@ def run_grpo(cfg) -> dict[str, Any]:
   def train_step(state, step: int) -> StepOutput:
     """One GRPO step: rollouts from the current weights, then the optimizer updates on them."""
     t0 = time.perf_counter()
-    roller.set_params(state.params)
+    roller.set_params(merged_params(state))  # LoRA: a merged sampling copy
     ro = collect(roller, rewards, stream, cfg, step)
     rows, metrics, samples = rollout_batch(ro, cfg, seq_len, tok.pad_token_id or 0)
     t1 = time.perf_counter()

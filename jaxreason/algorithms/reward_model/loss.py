@@ -111,10 +111,17 @@ def load_scorer(path: str, *, batch_size: int = 32, max_len: int | None = None, 
   dtype = jnp.dtype(cfg.param_dtype)
   target[SCORE_HEAD] = {"kernel": jax.ShapeDtypeStruct((cfg.hidden_size, 1), dtype, sharding=one),
                         "bias": jax.ShapeDtypeStruct((), dtype, sharding=one)}
-  with ocp.CheckpointManager(directory) as mngr:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target), **{checkpoint.REWARD_MODEL_ITEM: ocp.args.JsonRestore()}))
-  params, info = restored.params, restored[checkpoint.REWARD_MODEL_ITEM]
+  from jaxreason.lora.checkpoint import load_merged_params, lora_pointer
+  pointer = lora_pointer(directory, step)
+  if pointer is not None:  # LoRA: adapters + score head on the base it points at, merged
+    stored = checkpoint.load_model_config(path)
+    graphdef, params, _, _ = load_merged_params(directory, step, pointer, stored, extras={SCORE_HEAD: target[SCORE_HEAD]})
+    info = checkpoint.read_json_item(directory, step, checkpoint.REWARD_MODEL_ITEM)
+  else:
+    with ocp.CheckpointManager(directory) as mngr:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(target), **{checkpoint.REWARD_MODEL_ITEM: ocp.args.JsonRestore()}))
+    params, info = restored.params, restored[checkpoint.REWARD_MODEL_ITEM]
   tok = tokenizer or load_tokenizer(checkpoint.tokenizer_dir_for(path))
   limit = max_len or int(info.get("seq_len") or cfg.max_position_embeddings)
   fn = jax.jit(lambda p, t, v: sequence_scores(graphdef, p, t, v))

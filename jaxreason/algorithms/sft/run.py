@@ -20,6 +20,7 @@ from jaxreason.train import metrics_log
 from jaxreason.train.loop import (StepOutput, build_data, fit, global_batch, make_checkpointer, make_logger, make_tx,
                                   restore_or_init, setup_run, with_final_eval)
 from jaxreason.train.state import state_shardings
+from jaxreason.lora.adapters import merged_params
 from jaxreason.train.step import jit_step
 
 
@@ -81,7 +82,7 @@ def run_sft(cfg) -> dict[str, Any]:
   def log_extra(step: int, row: dict) -> dict:
     extra = {"mfu": row["tokens_per_sec"] * fpt / peak_total, "epoch": step / steps_per_epoch}
     if heldout_eval is not None and (step % data.eval_every == 0 or step == total_steps):
-      extra.update(heldout_eval(latest["state"].params))  # at log steps only (eval_every: a multiple of log_every)
+      extra.update(heldout_eval(merged_params(latest["state"])))  # at log steps only (eval_every: a multiple of log_every)
     return extra
 
   try:

@@ -1,0 +1,227 @@
+"""LoRA on the parameter tree (SPEC §10): adapters beside a frozen base, merged inside the step.
+
+Written here rather than taken from qwix or `flax.nnx.LoRA`: both attach adapters to modules
+(`nnx.Linear` / intercepted `dot_general` calls per module), while our projections are raw einsum
+weights with head axes ([D, N, H], [N, H, D]) stacked over layers ([L, ...], `scan_layers`) and run
+inside `jax.lax.scan`. Here an adapter is two arrays per targeted weight W [*lead, *in, *out]
+(lead = [L] when scanned, none per unscanned layer):
+
+    A [*lead, prod(in), r]   B [*lead, r, prod(out)]   W' = W + scale * (A @ B).reshape(W.shape)
+
+`scale` = alpha / r (rsLoRA: alpha / sqrt(r)); A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's Kaiming-uniform
+with a = sqrt(5)), B = 0, so the first step starts exactly at the base. The flattened axes are
+HF's row order (q: n * H + h), so A^T / B^T are PEFT's lora_A / lora_B weights.
+
+The trainable tree is {"lora": adapters mirroring the base paths, **extras} (extras: non-model
+top-level parameters, e.g. the reward model's score head, trained in full). The frozen tree is
+{"base": the model's parameters (int8 `QTensor`s with QLoRA), "scale": []}. `merge` gives the
+ordinary parameter dict, differentiable in the adapters, so every loss runs unchanged.
+
+Deviation (cost): the merge happens once per step before the layer scan, so the backward forms
+the dense gradient of each merged weight (then projects it onto A and B): the optimizer state
+and checkpoints are adapter-sized, the step's compute and transient memory are a full
+fine-tune's. Dropout on the adapter input would need the unmerged form and is not offered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxreason.lora.config import PROJECTIONS, LoraConfig
+
+ADAPTERS = "lora"
+MODEL_KEYS = ("embed", "layers", "final_norm", "lm_head")  # the Transformer's top-level parameters
+
+
+# ------------------------------------------------------------------------------- QLoRA storage
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class QTensor:
+  """int8 weight with per-output-channel absmax scales: W ~= q * scale (scale keeps the input
+  axes as size 1, so it broadcasts)."""
+
+  q: jax.Array
+  scale: jax.Array
+
+  @property
+  def shape(self):
+    return self.q.shape
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    return (self.q.astype(jnp.float32) * self.scale).astype(dtype)
+
+
+def quantize_int8(w: jax.Array, in_axes: tuple[int, ...]) -> QTensor:
+  """Symmetric int8 over each output channel (max |W| over the input axes -> 127)."""
+  w32 = w.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(w32), axis=in_axes, keepdims=True)
+  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  return QTensor(q=jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8), scale=scale)
+
+
+# ------------------------------------------------------------------------------- tree helpers
+def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def unflatten(flat: dict[tuple, Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return out
+
+
+def projection_of(path: tuple) -> str | None:
+  """Our projection name of a layer weight path (layers[.i].attn.q_proj -> "q"), else None."""
+  if len(path) < 3 or path[0] != "layers":
+    return None
+  for name, (_, module, param, _) in PROJECTIONS.items():
+    if tuple(path[-2:]) == (module, param):
+      return name
+  return None
+
+
+def _lead(path: tuple) -> int:
+  """Leading stacked axes: 1 for a scanned layer weight (layers.attn.q_proj [L, ...]), else 0."""
+  return 0 if isinstance(path[1], int) else 1
+
+
+def _in_out(path: tuple, shape) -> tuple[int, int, int]:
+  """(lead axes, flattened input size, flattened output size) of a projection weight."""
+  lead, n_in = _lead(path), PROJECTIONS[projection_of(path)][3]
+  ins = shape[lead:lead + n_in]
+  outs = shape[lead + n_in:]
+  return lead, int(np.prod(ins)), int(np.prod(outs))
+
+
+def adapter_shapes(path: tuple, shape, rank: int) -> tuple[tuple, tuple]:
+  lead, fan_in, fan_out = _in_out(path, shape)
+  lead_shape = tuple(shape[:lead])
+  return lead_shape + (fan_in, rank), lead_shape + (rank, fan_out)
+
+
+def delta(path: tuple, shape, a: jax.Array, b: jax.Array) -> jax.Array:
+  """A @ B in the weight's shape (float32)."""
+  # [*lead, in, r] x [*lead, r, out] -> [*lead, in, out]
+  ab = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
+  return ab.reshape(shape)
+
+
+# ------------------------------------------------------------------------------- split / merge
+def abstract_trainable(abs_params: dict, spec: LoraConfig, dtype=jnp.float32) -> dict:
+  """ShapeDtypeStructs of the trainable tree for a model's (abstract) parameter dict."""
+  adapters = {}
+  for path, x in flatten({k: v for k, v in abs_params.items() if k in MODEL_KEYS}).items():
+    if projection_of(path) in spec.projections:
+      sa, sb = adapter_shapes(path, x.shape, spec.rank)
+      adapters[path] = {"a": jax.ShapeDtypeStruct(sa, dtype), "b": jax.ShapeDtypeStruct(sb, dtype)}
+  extras = {k: v for k, v in abs_params.items() if k not in MODEL_KEYS}
+  return {ADAPTERS: unflatten(adapters), **extras}
+
+
+def init_adapters(params: dict, spec: LoraConfig, seed: int, dtype=jnp.float32) -> dict:
+  """Fresh adapters for `params` (concrete or abstract): A Kaiming-uniform, B zero."""
+  key = jax.random.key(seed)
+  out = {}
+  abstract = flatten(abstract_trainable(params, spec, dtype)[ADAPTERS])
+  for i, path in enumerate(sorted({p[:-1] for p in abstract}, key=str)):
+    sa, sb = abstract[path + ("a",)].shape, abstract[path + ("b",)].shape
+    bound = 1.0 / math.sqrt(sa[-2])
+    out[path + ("a",)] = jax.random.uniform(jax.random.fold_in(key, i), sa, dtype, -bound, bound)
+    out[path + ("b",)] = jnp.zeros(sb, dtype)
+  return unflatten(out)
+
+
+def frozen_base(params: dict, spec: LoraConfig) -> dict:
+  """The model's parameters as the frozen base: cast to `base_dtype`, projections int8 with QLoRA."""
+  flat = flatten({k: v for k, v in params.items() if k in MODEL_KEYS})
+  out = {}
+  for path, x in flat.items():
+    if spec.base_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+      x = x.astype(spec.base_dtype)
+    if spec.quantize == "int8" and projection_of(path) is not None:
+      lead, n_in = _lead(path), PROJECTIONS[projection_of(path)][3]
+      x = jax.jit(quantize_int8, static_argnums=1)(x, tuple(range(lead, lead + n_in)))
+    out[path] = x
+  return unflatten(out)
+
+
+def split(params: dict, spec: LoraConfig, seed: int) -> tuple[dict, dict]:
+  """Full parameters -> (trainable {"lora": fresh adapters, **extras}, frozen {"base", "scale"})."""
+  trainable = {ADAPTERS: init_adapters(params, spec, seed), **{k: v for k, v in params.items() if k not in MODEL_KEYS}}
+  return trainable, {"base": frozen_base(params, spec), "scale": jnp.asarray(spec.scale, jnp.float32)}
+
+
+def merge(frozen: dict, trainable: dict) -> dict:
+  """The ordinary parameter dict W + scale * A B (dequantised), plus the trainable extras."""
+  adapters = flatten(trainable.get(ADAPTERS, {}))
+  out = {}
+  for path, w in flatten(frozen["base"]).items():
+    if isinstance(w, QTensor):
+      w = w.dequantize(jnp.float32)
+    if path + ("a",) in adapters:
+      d = delta(path, w.shape, adapters[path + ("a",)], adapters[path + ("b",)])
+      w = w.astype(jnp.promote_types(w.dtype, adapters[path + ("a",)].dtype)) + frozen["scale"] * d
+    out[path] = w
+  return {**unflatten(out), **{k: v for k, v in trainable.items() if k != ADAPTERS}}
+
+
+def merged_params(state) -> dict:
+  """A TrainState's model parameters: its params, or with LoRA the merged copy (for sampling)."""
+  if getattr(state, "frozen", None) is None:
+    return state.params
+  return jax.jit(merge)(state.frozen, state.params)
+
+
+# ------------------------------------------------------------------------------- shardings
+def trainable_shardings(abs_params: dict, param_shardings: dict, spec: LoraConfig, mesh) -> dict:
+  """Adapters replicated (they are small; their gradients are reduced over data x fsdp); extras
+  keep their given shardings."""
+  one = NamedSharding(mesh, PartitionSpec())
+  adapters = abstract_trainable(abs_params, spec)[ADAPTERS]
+  return {ADAPTERS: jax.tree.map(lambda _: one, adapters),
+          **{k: v for k, v in param_shardings.items() if k not in MODEL_KEYS}}
+
+
+def frozen_shardings(abs_params: dict, param_shardings: dict, spec: LoraConfig, mesh) -> dict:
+  """The base keeps the model's shardings; an int8 weight's scale drops its input axes' names."""
+  flat_sh = flatten({k: v for k, v in param_shardings.items() if k in MODEL_KEYS})
+  out = {}
+  for path, s in flat_sh.items():
+    if spec.quantize == "int8" and projection_of(path) is not None:
+      lead, n_in = _lead(path), PROJECTIONS[projection_of(path)][3]
+      parts = list(s.spec) + [None] * (len(flatten_shape(abs_params, path)) - len(s.spec))
+      for ax in range(lead, lead + n_in):
+        parts[ax] = None
+      out[path] = QTensor(q=s, scale=NamedSharding(s.mesh, PartitionSpec(*parts)))
+    else:
+      out[path] = s
+  return {"base": unflatten(out), "scale": NamedSharding(mesh, PartitionSpec())}
+
+
+def flatten_shape(abs_params: dict, path: tuple):
+  node = abs_params
+  for k in path:
+    node = node[k]
+  return node.shape
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of every array leaf (QTensors count their int8 values and scales)."""
+  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
