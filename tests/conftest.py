@@ -51,3 +51,13 @@ def preempt_after(monkeypatch):
     monkeypatch.setattr(module, "PreemptionGuard", Guard)
 
   return patch
+
+
+# The longest end-to-end test (the quickstart chain, ~20+ minutes) goes first, so that under
+# `pytest -n 2 --dist worksteal` one worker starts it at once while the other works through the rest;
+# started last it would run alone at the end and add its whole length to the CI run.
+LONG_POLE = ("test_quickstart.py::",)
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: not any(p in item.nodeid for p in LONG_POLE))
