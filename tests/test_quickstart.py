@@ -79,7 +79,9 @@ def check_quickstart_runs(sft, grpo, dpo):
   k = max(1, len(r) // 5)
   print(f"SEED {SEED} GRPO sampled reward, first vs last fifth: {np.mean(r[:k]):.3f} -> {np.mean(r[-k:]):.3f}")
   assert np.mean(r[-k:]) >= np.mean(r[:k]) - 0.03, r
-  assert all(abs(row["token_mult_prob_error"] - 1) < 0.05 for row in m), "sampler and trainer log-probs disagree"
+  # Sampler vs trainer log-probs (NeMo-RL's gate 1.05; 0 on a step whose batch kept no completion tokens).
+  tmpe = [row["token_mult_prob_error"] for row in m if row["token_mult_prob_error"] > 0]
+  assert len(tmpe) >= len(m) // 2 and all(abs(e - 1) < 0.05 for e in tmpe), tmpe
   # DPO: its implicit rewards separate (margin up, final accuracy measured 0.625 / 0.78 / 0.81); its effect on
   # greedy accuracy is not reliable here (0/0, 4/1, 20/19 fixed/broken), so none is asserted beyond no harm.
   m = [json.loads(l) for l in open(dpo / "metrics.jsonl")]
