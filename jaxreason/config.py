@@ -306,9 +306,6 @@ class TrainConfig:
                f"must be a positive size, or -1 for all remaining devices; got {size}")
     require(list(sizes.values()).count(-1) <= 1, ("mesh",),
              f"may use -1 for one axis only; got {sizes}")
-    require(self.lora is None or self.algorithm != "ppo", ("lora",),
-            "is not supported with algorithm ppo yet (its policy + critic state is built outside the shared "
-            "LoRA path, jaxreason.lora.train); train ppo without lora, or remove the lora section")
     warmup, steps = self.schedule.warmup_steps, self.train.max_steps
     require(warmup is None or steps is None or warmup <= steps, ("schedule", "warmup_steps"),
              f"({warmup}) must not exceed train.max_steps ({steps})")

@@ -35,17 +35,20 @@ def flatten_micro(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, loss_fn: LossFn,
-                    normalizers_fn: NormalizersFn, metrics_fn: MetricsFn | None = None) -> Callable:
+                    normalizers_fn: NormalizersFn, metrics_fn: MetricsFn | None = None,
+                    merge: Callable[[Any, dict], dict] = lora_merge) -> Callable:
   """Returns step(state, batch, *extra) -> (state, metrics) (not jitted; see `jit_step`).
 
-  `extra` (e.g. frozen reference parameters) is passed through to `loss_fn` unchanged.
+  `extra` (e.g. frozen reference parameters) is passed through to `loss_fn` unchanged. With LoRA
+  (`state.frozen` set) the loss sees `merge(state.frozen, params)` (default: base + adapters;
+  PPO merges its policy only, `algorithms.ppo.loss.merge_policy`).
   """
 
   def step(state: TrainState, batch: dict[str, jax.Array], *extra: Any):
     flat = flatten_micro(batch)
     norms = normalizers_fn(flat)
     if state.frozen is not None:  # LoRA: the loss sees base + adapters; gradients reach the adapters only
-      loss_fn_ = lambda p, *a: loss_fn(lora_merge(state.frozen, p), *a)  # noqa: E731
+      loss_fn_ = lambda p, *a: loss_fn(merge(state.frozen, p), *a)  # noqa: E731
     else:
       loss_fn_ = loss_fn
 

@@ -17,6 +17,8 @@ term's gradient, and `split_tx` gives each its own optimizer (own clipping, own 
 - Rows marked `fresh` (the first mini-batch of the first epoch: the weights that scored the
   rollout) use the models' own detached log-probs and values as the old ones, so the ratio is
   exactly 1 and no value is clipped there (the stored ones equal them up to rounding).
+- LoRA (`lora:`): params["policy"] is the adapter tree and `TrainState.frozen` the policy's base;
+  the step merges the policy only (`merge_policy`), the critic trains in full.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from jaxreason.algorithms.grpo.loss import mismatch_weights, policy_loss
+from jaxreason.lora.adapters import merge as lora_merge
 from jaxreason.ops.logprobs import token_logprobs
 from jaxreason.train.step import make_train_step
 
@@ -110,8 +113,14 @@ def ppo_micro_loss(params: dict, mb: dict[str, jax.Array], norms: dict[str, jax.
   return pg + pcfg.vf_coef * vf, sums
 
 
+def merge_policy(frozen: dict, params: dict) -> dict:
+  """LoRA: the joint parameters with the policy's adapters merged into its frozen base."""
+  return {**params, "policy": lora_merge(frozen, params["policy"])}
+
+
 def make_ppo_step(policy_def, critic_def, tx, schedule, pcfg, *, temperature: float):
-  """`train.step.make_train_step` over the joint {"policy", "critic"} parameters."""
+  """`train.step.make_train_step` over the joint {"policy", "critic"} parameters (with LoRA the
+  state's `frozen` is the policy's base, merged by `merge_policy`)."""
 
   def loss_fn(params, mb, norms):
     return ppo_micro_loss(params, mb, norms, policy_def, critic_def, pcfg, temperature=temperature)
@@ -119,14 +128,20 @@ def make_ppo_step(policy_def, critic_def, tx, schedule, pcfg, *, temperature: fl
   def metrics_fn(sums, norms, flat):
     return {**{k: v / norms["tokens"] for k, v in sums.items()}, "completion_tokens": jnp.sum(flat["mask"])}
 
-  return make_train_step(tx, schedule, loss_fn, ppo_normalizers, metrics_fn)
+  return make_train_step(tx, schedule, loss_fn, ppo_normalizers, metrics_fn, merge=merge_policy)
 
 
 def make_scorer(policy_def, critic_def, temperature: float, chunk: int = 512):
-  """Jitted (log-probs of a policy, values of the critic) of rows [A, B, T]; either params may be None."""
+  """Jitted (log-probs of a policy, values of the critic) of rows [A, B, T]; either params may be None.
+
+  `frozen` (LoRA): a base {"base", "scale"} that `policy_params` (adapters, or {} for the base
+  itself: the reference) are merged into inside the jit, so no merged copy outlives the call."""
 
   @jax.jit
-  def score(policy_params, critic_params, batch):
+  def score(policy_params, critic_params, batch, frozen=None):
+    if frozen is not None and policy_params is not None:
+      policy_params = lora_merge(frozen, policy_params)
+
     def one(_, mb):
       out = {}
       if policy_params is not None:

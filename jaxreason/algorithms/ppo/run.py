@@ -18,6 +18,15 @@ optimizer (`ppo.critic_lr`). Checkpoints keep the policy as `params` (so eval/ex
 run as any policy), and the critic's parameters with both optimizers' states in `opt_state`
 ({"opt": {"policy", "critic"}, "critic": params}): one atomic step directory resumes every
 trained model exactly; the reference is the initial policy, re-read on resume.
+
+LoRA (`lora:` section): the policy trains adapters over a frozen base (`TrainState.frozen`, as in
+every other algorithm, `jaxreason.lora`); the sampler and the rollout scoring use a merged copy
+made once per step, and the reference (beta > 0) is the frozen base itself (dequantised inside
+the scorer's jit with QLoRA: no second copy is kept). The critic stays a full model with its own
+full optimizer: verl's critic LoRA is a separate setting (`critic.model.lora_rank`, default 0)
+and TRL's PPOTrainer applies its `peft_config` to the policy only. The checkpoint's `params` are
+then the policy's adapters, with the `lora` item pointing at the base, so eval / export read the
+run merged like any LoRA run; the critic and both optimizer states are in `opt_state` as above.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from jaxreason.algorithms.grpo.run import _log_samples, collect, rollout_batch
 from jaxreason.algorithms.ppo.loss import VALUE_HEAD, init_value_head, make_ppo_step, make_scorer, split_tx
 from jaxreason.algorithms.rl_plots import write_rewards_plot
 from jaxreason.checkpoint import config_to_json
+from jaxreason.lora import adapters as lora_adapters
 from jaxreason.rollout import QuestionStream, Rewards, RolloutSampler, load_questions
 from jaxreason.train.loop import (StepOutput, fit, global_batch, initial_params, make_checkpointer, make_logger,
                                   make_tx, row_shardings, setup_run, with_final_eval)
@@ -116,9 +126,10 @@ def to_saved(state: TrainState) -> TrainState:
                     opt_state={"opt": state.opt_state, "critic": state.params["critic"]})
 
 
-def from_saved(state: TrainState) -> TrainState:
+def from_saved(state: TrainState, frozen=None) -> TrainState:
+  """The checkpoint's layout -> the joint state; `frozen`: the policy's LoRA base (not saved)."""
   return TrainState(step=state.step, params={"policy": state.params, "critic": state.opt_state["critic"]},
-                    opt_state=state.opt_state["opt"])
+                    opt_state=state.opt_state["opt"], frozen=frozen)
 
 
 class JointCheckpointer:
@@ -192,9 +203,11 @@ def run_ppo(cfg) -> dict[str, Any]:
   critic_def, critic_abs_state, critic_cfg, critic_params_fn = _critic_setup(cfg, rs)
   critic_abs = _with_head(nnx.to_pure_dict(critic_abs_state), critic_cfg.hidden_size,
                           jnp.dtype(critic_cfg.param_dtype))
+  lora = cfg.lora  # LoRA: the policy's params are adapters over a frozen base; the critic is full
   tx_p, schedule = make_tx(cfg, rs.abs_params, total_steps * updates_per_step)
-  critic_opt_cfg = cfg if pc.critic_lr is None else dataclasses.replace(
-      cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=pc.critic_lr))
+  critic_opt_cfg = dataclasses.replace(cfg, lora=None)
+  if pc.critic_lr is not None:
+    critic_opt_cfg = dataclasses.replace(critic_opt_cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=pc.critic_lr))
   tx_c, _ = make_tx(critic_opt_cfg, critic_abs, total_steps * updates_per_step)
   tx = split_tx({"policy": tx_p, "critic": tx_c})
   one = replicated(rs.mesh)
@@ -202,9 +215,19 @@ def run_ppo(cfg) -> dict[str, Any]:
   c_shard = {**sharding.pure_shardings(critic_abs_state, rs.mesh, rs.rules), VALUE_HEAD: {"kernel": one, "bias": one}}
   sp = params_state_shardings(rs.abs_params, p_shard, tx_p, rs.mesh)
   sc = params_state_shardings(critic_abs, c_shard, tx_c, rs.mesh)
-  shardings = TrainState(step=one, params={"policy": p_shard, "critic": c_shard},
-                         opt_state={"policy": sp.opt_state, "critic": sc.opt_state})
-  abs_joint = {"policy": rs.abs_params, "critic": critic_abs}
+  shardings = TrainState(step=one, params={"policy": sp.params, "critic": c_shard},
+                         opt_state={"policy": sp.opt_state, "critic": sc.opt_state}, frozen=sp.frozen)
+  trained = dataclasses.replace(shardings, frozen=None)
+  abs_policy = rs.abs_params if lora is None else lora_adapters.abstract_trainable(rs.abs_params, lora)
+  abs_joint = {"policy": abs_policy, "critic": critic_abs}
+
+  def policy_base() -> dict:
+    with sharding.use_mesh(rs.mesh, rs.rules):
+      return initial_params(cfg, rs.model_cfg, rs.mesh)
+
+  def frozen_of(params: dict):  # LoRA: the policy's base, placed with its shardings
+    frozen = {"base": lora_adapters.frozen_base(params, lora), "scale": jnp.asarray(lora.scale, jnp.float32)}
+    return jax.device_put(frozen, shardings.frozen)
 
   base_ckpt = make_checkpointer(cfg)
   ckpt = JointCheckpointer(base_ckpt)
@@ -212,19 +235,23 @@ def run_ppo(cfg) -> dict[str, Any]:
   if latest is not None:
     abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                               abs_joint)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, trained)
     saved, meta, _ = base_ckpt.restore(latest, to_saved(abstract))
-    state = from_saved(saved)
+    state = from_saved(saved, None if lora is None else frozen_of(policy_base()))
   else:
+    policy, frozen = policy_base(), None
+    if lora is not None:  # fresh adapters (B = 0: the first rollout is the base's) beside the frozen base
+      frozen = frozen_of(policy)
+      policy = jax.device_put(lora_adapters.split(policy, lora, cfg.seed)[0], trained.params["policy"])
     with sharding.use_mesh(rs.mesh, rs.rules):
-      params = {"policy": initial_params(cfg, rs.model_cfg, rs.mesh), "critic": critic_params_fn()}
-      state = init_train_state(params, tx, shardings)
+      params = {"policy": policy, "critic": critic_params_fn()}
+      state = dataclasses.replace(init_train_state(params, tx, trained), frozen=frozen)
     meta = None
   start = int(meta["step"]) if meta else 0
   stream = QuestionStream(questions, cfg.seed, position=int(meta["stream_position"]) if meta else 0)
 
   ref_params = None
-  if pc.beta > 0:  # the frozen initial policy, in the compute dtype
+  if pc.beta > 0 and lora is None:  # the frozen initial policy, in the compute dtype (LoRA: the frozen base)
     with sharding.use_mesh(rs.mesh, rs.rules):
       ref_params = initial_params(cfg, rs.model_cfg, rs.mesh)
     dt = jnp.dtype(rs.model_cfg.dtype)
@@ -248,13 +275,19 @@ def run_ppo(cfg) -> dict[str, Any]:
         f"{rc.prompts_per_step} questions x {rc.num_generations} completions; {pc.ppo_epochs} epoch(s) x "
         f"{mini_batches} mini-batch(es) of {gbs} ({accum} micro-batch(es)); estimator {pc.advantage_estimator}, "
         f"beta {pc.beta}, gamma {pc.gamma}, lambda {pc.lam}, vf_coef {pc.vf_coef}"
+        + (f"; LoRA rank {lora.rank} on {', '.join(lora.projections)} of the policy "
+           f"({lora_adapters.tree_bytes(state.params['policy']) / 2**20:.1f} MiB of adapters), full critic"
+           if lora is not None else "")
         + (f"; resumed at step {start}" if start else ""))
   samples_path = os.path.join(rs.out, "rollouts.jsonl")
   proc, nproc = jax.process_index(), jax.process_count()
 
   def train_step(state, step: int) -> StepOutput:
     t0 = time.perf_counter()
-    roller.set_params(state.params["policy"])
+    # LoRA: one merged copy per step, for the sampler and the rollout's old log-probs
+    policy = state.params["policy"] if lora is None else lora_adapters.merged_params(
+        dataclasses.replace(state, params=state.params["policy"]))
+    roller.set_params(policy)
     ro = collect(roller, rewards, stream, view, step)
     rows, metrics, samples = rollout_batch(ro, view, seq_len, tok.pad_token_id or 0)
     t1 = time.perf_counter()
@@ -262,8 +295,13 @@ def run_ppo(cfg) -> dict[str, Any]:
     metrics["sequence_score_abs_mean"] = metrics.pop("advantage_abs_mean")  # |score|; token advantages below
     sampler_logp = rows.pop("old_logp")
     with sharding.use_mesh(rs.mesh, rs.rules):
-      own = _score(lambda b: scorer(state.params["policy"], state.params["critic"], b), rows, micro)
-      ref = _score(lambda b: scorer(ref_params, None, b), rows, micro)["logp"] if ref_params is not None else None
+      own = _score(lambda b: scorer(policy, state.params["critic"], b), rows, micro)
+      ref = None
+      if ref_params is not None:
+        ref = _score(lambda b: scorer(ref_params, None, b), rows, micro)["logp"]
+      elif pc.beta > 0:  # LoRA: the reference is the frozen base (no adapters), merged inside the scorer
+        ref = _score(lambda b: scorer({}, None, b, state.frozen), rows, micro)["logp"]
+    del policy
     rows["old_logp"], rows["old_values"] = own["logp"] * rows["mask"], own["values"] * rows["mask"]
     if pc.is_correction != "none":
       rows["sampler_logp"] = sampler_logp
