@@ -182,6 +182,63 @@ def merge(frozen: dict, trainable: dict) -> dict:
   return {**unflatten(out), **{k: v for k, v in trainable.items() if k != ADAPTERS}}
 
 
+# ------------------------------------------------------------------------------- unmerged forward
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoraWeight:
+  """A projection weight with its adapter kept apart, in the parameter tree where W was:
+  the layers' `project` computes x W + scale * (x A) B (the unmerged form; W may be int8).
+
+  Leaves W [*lead, *in, *out] (or a QTensor), A [*lead, in, r], B [*lead, r, out]; a scanned
+  layer stack slices them per layer like any weight. `scale` and `n_in` (W's input axes) are static.
+  """
+
+  w: Any
+  a: jax.Array
+  b: jax.Array
+  scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+  n_in: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+  def __getitem__(self, index):  # `param[...]` in the layers reads the whole weight
+    if index is not Ellipsis:
+      raise TypeError("a LoraWeight is read whole (param[...])")
+    return self
+
+  @property
+  def shape(self):
+    return self.w.shape
+
+  @property
+  def dtype(self):
+    return self.a.dtype
+
+  def lora_project(self, eq: str, x: jax.Array, dtype) -> jax.Array:
+    """einsum(eq, x, W) + scale * (x A) B, in `dtype`; x's last n_in axes are W's input axes."""
+    w = self.w.dequantize(dtype) if isinstance(self.w, QTensor) else self.w.astype(dtype)
+    y = jnp.einsum(eq, x, w)
+    # [..., *in] -> [..., in] x [in, r] -> [..., r] x [r, out] -> [..., out] -> [..., *out]
+    xf = x.reshape(x.shape[:x.ndim - self.n_in] + (-1,))
+    low = jnp.einsum("...i,ir->...r", xf, self.a.astype(dtype))
+    low = jnp.einsum("...r,ro->...o", low, self.b.astype(dtype))
+    return y + (self.scale * low).reshape(y.shape).astype(y.dtype)
+
+
+def unmerged(frozen: dict, trainable: dict) -> dict:
+  """The parameter dict with each adapted weight a `LoraWeight` (base W, A, B) instead of
+  W + scale A B: the model then runs the adapters unmerged (no merged copy). Host-side (reads
+  the scale); the other weights are the base's (QTensors dequantised), plus the trainable extras."""
+  adapters = flatten(trainable.get(ADAPTERS, {}))
+  scale = float(np.asarray(frozen["scale"]))
+  out = {}
+  for path, w in flatten(frozen["base"]).items():
+    if path + ("a",) in adapters:
+      w = LoraWeight(w, adapters[path + ("a",)], adapters[path + ("b",)], scale, PROJECTIONS[projection_of(path)][3])
+    elif isinstance(w, QTensor):
+      w = w.dequantize(jnp.float32)
+    out[path] = w
+  return {**unflatten(out), **{k: v for k, v in trainable.items() if k != ADAPTERS}}
+
+
 def merged_params(state) -> dict:
   """A TrainState's model parameters: its params, or with LoRA the merged copy (for sampling)."""
   if getattr(state, "frozen", None) is None:

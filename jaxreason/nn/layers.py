@@ -54,6 +54,14 @@ def unembed(x: jax.Array, table: jax.Array) -> jax.Array:
   return jnp.einsum("BTD,VD->BTV", x, table.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def project(eq: str, x: jax.Array, w, dtype) -> jax.Array:
+  """x times a projection weight (einsum `eq`) in `dtype`. A LoRA weight kept unmerged
+  (`jaxreason.lora.adapters.LoraWeight`) adds its low-rank path itself."""
+  if hasattr(w, "lora_project"):
+    return w.lora_project(eq, x, dtype)
+  return jnp.einsum(eq, x, w.astype(dtype))
+
+
 def write_cache(buf: jax.Array, layer: int, index: jax.Array, val: jax.Array) -> jax.Array:
   """Writes val [B, T, ...] into layer `layer` of buf [L, B, S, ...] at slots [index, index + T).
 
@@ -99,10 +107,10 @@ class Attention(nnx.Module):
     """
     cfg, dt = self.cfg, x.dtype
     # [B, T, N, H]
-    q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+    q = project("BTD,DNH->BTNH", x, self.q_proj[...], dt)
     # [B, T, K, H]
-    k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
-    v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
+    k = project("BTD,DKH->BTKH", x, self.k_proj[...], dt)
+    v = project("BTD,DKH->BTKH", x, self.v_proj[...], dt)
     if cfg.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -128,7 +136,7 @@ class Attention(nnx.Module):
       out = attention_ops.cached_attention(q, ck, cv, layer, positions, segments, kv_pos, kv_seg, live,
                                            scale=scale, backend=cfg.attention_backend)
     # [B, T, D]
-    y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
+    y = project("BTNH,NHD->BTD", out, self.o_proj[...], dt)
     if cfg.o_bias:
       y = y + self.o_bias[...].astype(dt)
     return y, new_cache
@@ -152,12 +160,12 @@ class MLP(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
     # [B, T, F]
-    g = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(dt))
-    u = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(dt))
+    g = project("BTD,DF->BTF", x, self.gate[...], dt)
+    u = project("BTD,DF->BTF", x, self.up[...], dt)
     if self.bias:
       g, u = g + self.gate_bias[...].astype(dt), u + self.up_bias[...].astype(dt)
     h = sharding.constrain(swiglu(g, u), ("act_batch", "act_length", "act_mlp"))
-    y = jnp.einsum("BTF,FD->BTD", h, self.down[...].astype(dt))
+    y = project("BTF,FD->BTD", h, self.down[...], dt)
     if self.bias:
       y = y + self.down_bias[...].astype(dt)
     return y
