@@ -30,7 +30,7 @@ def test_project_matches_numpy_for_head_shaped_weights():
   x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)  # [B, T, N, H] into o [N, H, D]
   w = rng.normal(size=(4, 5, 6)).astype(np.float32)
   a, b = rng.normal(size=(20, 3)).astype(np.float32), rng.normal(size=(3, 6)).astype(np.float32)
-  lw = la.LoraWeight(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), 0.5, 2)
+  lw = la.LoraWeight(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), jnp.float32(0.5), n_in=2)
   want = np.einsum("btnh,nhd->btd", x, w) + 0.5 * (x.reshape(2, 3, 20) @ a @ b)
   np.testing.assert_allclose(np.asarray(project("BTNH,NHD->BTD", jnp.asarray(x), lw, jnp.float32)), want,
                              rtol=1e-5, atol=1e-5)

@@ -20,7 +20,14 @@ ordinary parameter dict, differentiable in the adapters, so every loss runs unch
 Deviation (cost): the merge happens once per step before the layer scan, so the backward forms
 the dense gradient of each merged weight (then projects it onto A and B): the optimizer state
 and checkpoints are adapter-sized, the step's compute and transient memory are a full
-fine-tune's. Dropout on the adapter input would need the unmerged form and is not offered.
+fine-tune's.
+
+Unmerged form (`unmerged`, `LoraWeight`): each adapted weight stays W, A, B in the parameter
+tree and the layers compute x W + scale * (x A) B (`nn.layers.project`). Training uses it when
+`lora.dropout` > 0 (PEFT's train mode: y = x W + scale * dropout(x) A B, the frozen tree then
+holds a `Dropout` node with the run's key; masks are drawn per step, micro-batch, projection and
+layer, so a resumed run draws the same ones); sampling and scoring always run without dropout
+(PEFT's eval mode) on the merged weights.
 """
 
 from __future__ import annotations
@@ -162,14 +169,45 @@ def frozen_base(params: dict, spec: LoraConfig) -> dict:
   return unflatten(out)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Dropout:
+  """LoRA dropout in the frozen tree: the run's key (raw uint32 key data) and the rate (static)."""
+
+  key: jax.Array
+  rate: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+
+def frozen_tree(params: dict, spec: LoraConfig, seed: int) -> dict:
+  """The frozen tree {"base", "scale"} (+ "dropout": `Dropout` when spec.dropout > 0)."""
+  out = {"base": frozen_base(params, spec), "scale": jnp.asarray(spec.scale, jnp.float32)}
+  if spec.dropout > 0:
+    key = jax.random.fold_in(jax.random.key(seed), 0x4C6F5241)  # "LoRA": apart from the adapters' init key
+    out["dropout"] = Dropout(jax.random.key_data(key), spec.dropout)
+  return out
+
+
 def split(params: dict, spec: LoraConfig, seed: int) -> tuple[dict, dict]:
-  """Full parameters -> (trainable {"lora": fresh adapters, **extras}, frozen {"base", "scale"})."""
+  """Full parameters -> (trainable {"lora": fresh adapters, **extras}, frozen `frozen_tree`)."""
   trainable = {ADAPTERS: init_adapters(params, spec, seed), **{k: v for k, v in params.items() if k not in MODEL_KEYS}}
-  return trainable, {"base": frozen_base(params, spec), "scale": jnp.asarray(spec.scale, jnp.float32)}
+  return trainable, frozen_tree(params, spec, seed)
 
 
-def merge(frozen: dict, trainable: dict) -> dict:
-  """The ordinary parameter dict W + scale * A B (dequantised), plus the trainable extras."""
+def dropout_rng(frozen: dict, step: jax.Array, micro: jax.Array) -> jax.Array | None:
+  """The dropout key of one micro-batch of one optimizer step (None without LoRA dropout)."""
+  d = frozen.get("dropout") if isinstance(frozen, dict) else None
+  if d is None:
+    return None
+  return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(d.key), step), micro)
+
+
+def merge(frozen: dict, trainable: dict, rng: jax.Array | None = None) -> dict:
+  """The ordinary parameter dict W + scale * A B (dequantised), plus the trainable extras.
+
+  With `rng` and LoRA dropout (frozen["dropout"]): the unmerged tree with dropout masks instead
+  (`unmerged`; the training step passes `dropout_rng`)."""
+  if rng is not None and "dropout" in frozen:
+    return unmerged(frozen, trainable, rng)
   adapters = flatten(trainable.get(ADAPTERS, {}))
   out = {}
   for path, w in flatten(frozen["base"]).items():
@@ -189,15 +227,18 @@ class LoraWeight:
   """A projection weight with its adapter kept apart, in the parameter tree where W was:
   the layers' `project` computes x W + scale * (x A) B (the unmerged form; W may be int8).
 
-  Leaves W [*lead, *in, *out] (or a QTensor), A [*lead, in, r], B [*lead, r, out]; a scanned
-  layer stack slices them per layer like any weight. `scale` and `n_in` (W's input axes) are static.
+  Leaves W [*lead, *in, *out] (or a QTensor), A [*lead, in, r], B [*lead, r, out], scale [*lead]
+  and, for dropout, key [*lead, 2] (raw key data); a scanned layer stack slices them per layer
+  like any weight. `n_in` (W's input axes) and the dropout `rate` are static.
   """
 
   w: Any
   a: jax.Array
   b: jax.Array
-  scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+  scale: jax.Array
+  key: jax.Array | None = None
   n_in: int = dataclasses.field(default=1, metadata=dict(static=True))
+  rate: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
   def __getitem__(self, index):  # `param[...]` in the layers reads the whole weight
     if index is not Ellipsis:
@@ -213,26 +254,42 @@ class LoraWeight:
     return self.a.dtype
 
   def lora_project(self, eq: str, x: jax.Array, dtype) -> jax.Array:
-    """einsum(eq, x, W) + scale * (x A) B, in `dtype`; x's last n_in axes are W's input axes."""
+    """einsum(eq, x, W) + scale * (dropout(x) A) B, in `dtype`; x's last n_in axes are W's input axes."""
     w = self.w.dequantize(dtype) if isinstance(self.w, QTensor) else self.w.astype(dtype)
     y = jnp.einsum(eq, x, w)
     # [..., *in] -> [..., in] x [in, r] -> [..., r] x [r, out] -> [..., out] -> [..., *out]
     xf = x.reshape(x.shape[:x.ndim - self.n_in] + (-1,))
+    if self.key is not None and self.rate > 0:  # inverted dropout on the adapter's input
+      keep = dropout_keep(self.key, self.rate, xf.shape)
+      xf = jnp.where(keep, xf / (1.0 - self.rate), 0).astype(xf.dtype)
     low = jnp.einsum("...i,ir->...r", xf, self.a.astype(dtype))
     low = jnp.einsum("...r,ro->...o", low, self.b.astype(dtype))
-    return y + (self.scale * low).reshape(y.shape).astype(y.dtype)
+    return y + (self.scale.astype(dtype) * low).reshape(y.shape).astype(y.dtype)
 
 
-def unmerged(frozen: dict, trainable: dict) -> dict:
+def dropout_keep(key: jax.Array, rate: float, shape) -> jax.Array:
+  """The kept positions (True with probability 1 - rate) of a raw uint32 key."""
+  return jax.random.bernoulli(jax.random.wrap_key_data(key), 1.0 - rate, shape)
+
+
+def unmerged(frozen: dict, trainable: dict, rng: jax.Array | None = None) -> dict:
   """The parameter dict with each adapted weight a `LoraWeight` (base W, A, B) instead of
-  W + scale A B: the model then runs the adapters unmerged (no merged copy). Host-side (reads
-  the scale); the other weights are the base's (QTensors dequantised), plus the trainable extras."""
+  W + scale A B: the model then runs the adapters unmerged (no merged copy). `rng` (with
+  frozen["dropout"]): dropout masks, one key per projection and layer. The other weights are the
+  base's (QTensors dequantised), plus the trainable extras."""
   adapters = flatten(trainable.get(ADAPTERS, {}))
-  scale = float(np.asarray(frozen["scale"]))
+  drop = frozen.get("dropout") if rng is not None else None
   out = {}
-  for path, w in flatten(frozen["base"]).items():
+  for i, (path, w) in enumerate(flatten(frozen["base"]).items()):
     if path + ("a",) in adapters:
-      w = LoraWeight(w, adapters[path + ("a",)], adapters[path + ("b",)], scale, PROJECTIONS[projection_of(path)][3])
+      a, b = adapters[path + ("a",)], adapters[path + ("b",)]
+      lead = a.shape[:-2]
+      key = None
+      if drop is not None:  # [*lead, 2]: one key per layer of this projection
+        k = jax.random.fold_in(rng, i)
+        key = jax.random.key_data(jax.random.split(k, lead) if lead else k)
+      w = LoraWeight(w, a, b, jnp.broadcast_to(jnp.asarray(frozen["scale"], jnp.float32), lead), key,
+                     PROJECTIONS[projection_of(path)][3], drop.rate if drop is not None else 0.0)
     elif isinstance(w, QTensor):
       w = w.dequantize(jnp.float32)
     out[path] = w
@@ -269,7 +326,8 @@ def frozen_shardings(abs_params: dict, param_shardings: dict, spec: LoraConfig, 
       out[path] = QTensor(q=s, scale=NamedSharding(s.mesh, PartitionSpec(*parts)))
     else:
       out[path] = s
-  return {"base": unflatten(out), "scale": NamedSharding(mesh, PartitionSpec())}
+  one = NamedSharding(mesh, PartitionSpec())
+  return {"base": unflatten(out), "scale": one, **({"dropout": Dropout(one, spec.dropout)} if spec.dropout > 0 else {})}
 
 
 def flatten_shape(abs_params: dict, path: tuple):

@@ -57,7 +57,7 @@ class LoraConfig:
   rank: int = 8
   alpha: float = 16.0
   rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
-  dropout: float = 0.0  # on the adapter's input; only 0 is supported (adapters are merged in the step)
+  dropout: float = 0.0  # on the adapter's input in training (> 0: the step runs the adapters unmerged)
   quantize: str | None = None  # null | int8 (QLoRA: the frozen projections stored int8)
   base_dtype: str | None = None  # cast the frozen base to this dtype (e.g. bfloat16); null: as loaded
 
@@ -69,8 +69,7 @@ class LoraConfig:
       resolve_targets(self.targets)
     except ValueError as e:
       require(False, "targets", str(e))
-    require(self.dropout == 0.0, "dropout",
-            f"only 0.0 is supported (the adapters are merged into the weights inside the step); got {self.dropout}")
+    require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1); got {self.dropout}")
     if self.quantize is not None:
       choice(self, "quantize", QUANTIZE)
     if self.base_dtype is not None:

@@ -111,7 +111,8 @@ def load_peft_adapter(adapter_dir: str, base_params: dict) -> tuple[LoraConfig, 
       raise ValueError(f"{adapter_dir}/{WEIGHTS_FILE}: tensor {name}: unknown module {peft_name}.{kind}")
     per_layer.setdefault((PEFT_NAMES[peft_name], layer), {})["a" if kind == "lora_A" else "b"] = np.asarray(t, np.float32)
   projs = tuple(p for p in PROJECTIONS if any(k[0] == p for k in per_layer))
-  spec = LoraConfig(targets=projs, rank=int(c["r"]), alpha=float(c["lora_alpha"]), rslora=bool(c.get("use_rslora")))
+  spec = LoraConfig(targets=projs, rank=int(c["r"]), alpha=float(c["lora_alpha"]), rslora=bool(c.get("use_rslora")),
+                    dropout=float(c.get("lora_dropout") or 0.0))
   out = {}
   for path, w in la.flatten({k: v for k, v in base_params.items() if k in la.MODEL_KEYS}).items():
     proj = la.projection_of(path)

@@ -193,7 +193,7 @@ def restore_or_init(rs: RunSetup, tx, shardings: TrainState, ckpt: TrainCheckpoi
       return params_fn() if params_fn is not None else initial_params(rs.cfg, rs.model_cfg, rs.mesh)
 
   def with_frozen(state: TrainState, params: dict) -> TrainState:
-    frozen = {"base": lora_adapters.frozen_base(params, spec), "scale": jnp.asarray(spec.scale, jnp.float32)}
+    frozen = lora_adapters.frozen_tree(params, spec, rs.cfg.seed)
     return dataclasses.replace(state, frozen=jax.device_put(frozen, shardings.frozen))
 
   latest = ckpt.latest_step()

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxreason.lora.adapters import merge as lora_merge
+from jaxreason.lora.adapters import dropout_rng, merge as lora_merge
 from jaxreason.train.nan_guard import guard_step
 from jaxreason.train.state import TrainState
 
@@ -36,33 +36,39 @@ def flatten_micro(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 def make_train_step(tx: optax.GradientTransformation, schedule: optax.Schedule, loss_fn: LossFn,
                     normalizers_fn: NormalizersFn, metrics_fn: MetricsFn | None = None,
-                    merge: Callable[[Any, dict], dict] = lora_merge) -> Callable:
+                    merge: Callable[..., dict] = lora_merge) -> Callable:
   """Returns step(state, batch, *extra) -> (state, metrics) (not jitted; see `jit_step`).
 
   `extra` (e.g. frozen reference parameters) is passed through to `loss_fn` unchanged. With LoRA
-  (`state.frozen` set) the loss sees `merge(state.frozen, params)` (default: base + adapters;
-  PPO merges its policy only, `algorithms.ppo.loss.merge_policy`).
+  (`state.frozen` set) the loss sees `merge(state.frozen, params, rng)` (default: base + adapters;
+  PPO merges its policy only, `algorithms.ppo.loss.merge_policy`); `rng` is None, or with LoRA
+  dropout the key of this step and micro-batch (`lora.adapters.dropout_rng`).
   """
 
   def step(state: TrainState, batch: dict[str, jax.Array], *extra: Any):
     flat = flatten_micro(batch)
     norms = normalizers_fn(flat)
     if state.frozen is not None:  # LoRA: the loss sees base + adapters; gradients reach the adapters only
-      loss_fn_ = lambda p, *a: loss_fn(merge(state.frozen, p), *a)  # noqa: E731
+      loss_fn_ = lambda p, mb, n, rng, *a: loss_fn(merge(state.frozen, p, rng), mb, n, *a)  # noqa: E731
     else:
-      loss_fn_ = loss_fn
+      loss_fn_ = lambda p, mb, n, rng, *a: loss_fn(p, mb, n, *a)  # noqa: E731
 
-    def micro(carry, mb):
+    def rng_of(i):
+      return None if state.frozen is None else dropout_rng(state.frozen, state.step, i)
+
+    def micro(carry, xs):
+      mb, i = xs
       grads_acc, loss_acc, sums_acc = carry
-      (loss, sums), grads = jax.value_and_grad(loss_fn_, has_aux=True)(state.params, mb, norms, *extra)
+      (loss, sums), grads = jax.value_and_grad(loss_fn_, has_aux=True)(state.params, mb, norms, rng_of(i), *extra)
       grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
       return (grads_acc, loss_acc + loss, jax.tree.map(jnp.add, sums_acc, sums)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
     first = jax.tree.map(lambda x: x[0], batch)
-    sums_shape = jax.eval_shape(lambda p: loss_fn_(p, first, norms, *extra)[1], state.params)
+    sums_shape = jax.eval_shape(lambda p: loss_fn_(p, first, norms, rng_of(0), *extra)[1], state.params)
     sums0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
-    (grads, loss, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), sums0), batch)
+    micro_ids = jnp.arange(jax.tree.leaves(batch)[0].shape[0], dtype=jnp.int32)
+    (grads, loss, sums), _ = jax.lax.scan(micro, (zeros, jnp.zeros(()), sums0), (batch, micro_ids))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

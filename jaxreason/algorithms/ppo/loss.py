@@ -113,9 +113,10 @@ def ppo_micro_loss(params: dict, mb: dict[str, jax.Array], norms: dict[str, jax.
   return pg + pcfg.vf_coef * vf, sums
 
 
-def merge_policy(frozen: dict, params: dict) -> dict:
-  """LoRA: the joint parameters with the policy's adapters merged into its frozen base."""
-  return {**params, "policy": lora_merge(frozen, params["policy"])}
+def merge_policy(frozen: dict, params: dict, rng=None) -> dict:
+  """LoRA: the joint parameters with the policy's adapters merged into its frozen base (`rng`:
+  LoRA dropout's key, see `lora.adapters.merge`)."""
+  return {**params, "policy": lora_merge(frozen, params["policy"], rng)}
 
 
 def make_ppo_step(policy_def, critic_def, tx, schedule, pcfg, *, temperature: float):

@@ -226,8 +226,7 @@ def run_ppo(cfg) -> dict[str, Any]:
       return initial_params(cfg, rs.model_cfg, rs.mesh)
 
   def frozen_of(params: dict):  # LoRA: the policy's base, placed with its shardings
-    frozen = {"base": lora_adapters.frozen_base(params, lora), "scale": jnp.asarray(lora.scale, jnp.float32)}
-    return jax.device_put(frozen, shardings.frozen)
+    return jax.device_put(lora_adapters.frozen_tree(params, lora, cfg.seed), shardings.frozen)
 
   base_ckpt = make_checkpointer(cfg)
   ckpt = JointCheckpointer(base_ckpt)
