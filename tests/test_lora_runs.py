@@ -134,3 +134,13 @@ def test_lora_expert_iteration_every_checkpoint_points_at_its_base(tmp_path):
   merged = _params(tmp_path / "ei")
   base = _params(init)
   assert not np.array_equal(merged["layers"]["attn"]["v_proj"], base["layers"]["attn"]["v_proj"])
+
+
+@pytest.mark.slow
+def test_lora_grpo_rescoring_with_the_trainer_runs(tmp_path, tiny_sft):
+  """is_correction with num_iterations > 1 scores the rollout with the trainer's own (merged) weights."""
+  a = tmp_path / "a"
+  (tmp_path / "a.yaml").write_text(TINY_GRPO.format(out=a, init=tiny_sft))
+  _train(tmp_path / "a.yaml", LORA, "train.max_steps=2", "grpo.is_correction=tis")
+  m = _metrics(a)
+  assert sorted(m) == [1, 2] and all(np.isfinite(m[s]["loss"]) for s in m)

@@ -284,7 +284,7 @@ def run_grpo(cfg) -> dict[str, Any]:
     if ref_params is not None:
       rows["ref_logp"] = _score_rows(ref_score, ref_params, rows, micro, rs)
     if score_trainer:
-      rows["trainer_logp"] = _score_rows(ref_score, state.params, rows, micro, rs)
+      rows["trainer_logp"] = _score_rows(ref_score, merged_params(state), rows, micro, rs)  # LoRA: merged
     if token_level:  # REINFORCE++(-baseline): per-token returns, whitened over the batch (SPEC §9)
       kl = None
       if gc.reward_kl_coef > 0:
