@@ -69,9 +69,10 @@ def test_lora_sft_learns_resumes_exactly_and_checkpoints_adapters_only(tmp_path,
 
 @pytest.mark.slow
 def test_lora_grpo_runs_and_resumes_exactly(tmp_path, tiny_sft):
+  """Also is_correction with num_iterations > 1: the rollout is re-scored with the trainer's own (merged) weights."""
   a, b = tmp_path / "a", tmp_path / "b"
   (tmp_path / "a.yaml").write_text(TINY_GRPO.format(out=a, init=tiny_sft))
-  sets = (LORA, "train.max_steps=4", "optimizer.lr=1e-2")
+  sets = (LORA, "train.max_steps=4", "optimizer.lr=1e-2", "grpo.is_correction=tis")
   _train(tmp_path / "a.yaml", *sets)
   ma = _metrics(a)
   assert sorted(ma) == [1, 2, 3, 4] and all(np.isfinite(ma[s]["loss"]) for s in ma)
@@ -134,13 +135,3 @@ def test_lora_expert_iteration_every_checkpoint_points_at_its_base(tmp_path):
   merged = _params(tmp_path / "ei")
   base = _params(init)
   assert not np.array_equal(merged["layers"]["attn"]["v_proj"], base["layers"]["attn"]["v_proj"])
-
-
-@pytest.mark.slow
-def test_lora_grpo_rescoring_with_the_trainer_runs(tmp_path, tiny_sft):
-  """is_correction with num_iterations > 1 scores the rollout with the trainer's own (merged) weights."""
-  a = tmp_path / "a"
-  (tmp_path / "a.yaml").write_text(TINY_GRPO.format(out=a, init=tiny_sft))
-  _train(tmp_path / "a.yaml", LORA, "train.max_steps=2", "grpo.is_correction=tis")
-  m = _metrics(a)
-  assert sorted(m) == [1, 2] and all(np.isfinite(m[s]["loss"]) for s in m)
