@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from jaxreason.lora.adapters import merge as lora_merge
 from jaxreason.ops.logprobs import token_logprobs
 from jaxreason.train.step import make_train_step
 
@@ -279,10 +280,16 @@ def make_grpo_step(graphdef, tx, schedule, gcfg, *, temperature: float, max_comp
 
 
 def make_ref_scorer(graphdef, temperature: float, chunk: int = 512):
-  """Jitted reference log-probs of rows [N, T] (no gradient), scored in micro-batches [A, B, T]."""
+  """Jitted reference log-probs of rows [N, T] (no gradient), scored in micro-batches [A, B, T].
+
+  `frozen` (LoRA): a base that `params` (adapters, or {} for the base itself) are merged into inside
+  the jit, so no merged copy outlives the call."""
 
   @jax.jit
-  def score(params, batch):
+  def score(params, batch, frozen=None):
+    if frozen is not None:
+      params = lora_merge(frozen, params)
+
     def one(_, mb):
       model = nnx.merge(graphdef, params)
       hidden, _ = model.hidden_states(mb["inputs"], mb["positions"], mb["segments"])

@@ -14,7 +14,8 @@ One training step (the unit of `train.max_steps`, as CS336's `n_grpo_steps`):
 Normalisers (tokens, sequences) are counted over each optimizer batch globally before the
 micro-batch loop, so accumulation equals one big batch; `dapo` divides by the completion tokens
 of that batch (= TRL's generation batch when one rollout batch is one optimizer step).
-The reference model (beta > 0) is the initial policy, frozen; with beta = 0 none is kept.
+The reference model (beta > 0) is the initial policy, frozen; with beta = 0 none is kept. With LoRA it
+is the frozen base itself (merged with no adapters inside the scorer's jit): no second copy.
 """
 
 from __future__ import annotations
@@ -247,10 +248,13 @@ def run_grpo(cfg) -> dict[str, Any]:
   token_level = gc.advantage_estimator in adv_lib.TOKEN_ESTIMATORS
   score_trainer = gc.is_correction != "none" and gc.num_iterations > 1  # the old policy's own log-probs
   if gc.beta > 0 or (token_level and gc.reward_kl_coef > 0):  # the frozen initial policy, in the compute dtype
-    with sharding.use_mesh(rs.mesh, rs.rules):
-      ref_params = initial_params(cfg, rs.model_cfg, rs.mesh)
-    dt = jnp.dtype(rs.model_cfg.dtype)
-    ref_params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, ref_params)
+    if state.frozen is not None:  # LoRA: the frozen base itself (merged with no adapters inside the scorer's jit)
+      ref_params = {}
+    else:
+      with sharding.use_mesh(rs.mesh, rs.rules):
+        ref_params = initial_params(cfg, rs.model_cfg, rs.mesh)
+      dt = jnp.dtype(rs.model_cfg.dtype)
+      ref_params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, ref_params)
   if ref_params is not None or score_trainer:
     ref_score = make_ref_scorer(rs.graphdef, rc.temperature)
 
@@ -282,9 +286,9 @@ def run_grpo(cfg) -> dict[str, Any]:
     rows, metrics, samples = rollout_batch(ro, cfg, seq_len, tok.pad_token_id or 0)
     t1 = time.perf_counter()
     if ref_params is not None:
-      rows["ref_logp"] = _score_rows(ref_score, ref_params, rows, micro, rs)
+      rows["ref_logp"] = _score_rows(ref_score, ref_params, rows, micro, rs, frozen=state.frozen)
     if score_trainer:
-      rows["trainer_logp"] = _score_rows(ref_score, merged_params(state), rows, micro, rs)  # LoRA: merged
+      rows["trainer_logp"] = _score_rows(ref_score, state.params, rows, micro, rs, frozen=state.frozen)
     if token_level:  # REINFORCE++(-baseline): per-token returns, whitened over the batch (SPEC §9)
       kl = None
       if gc.reward_kl_coef > 0:
@@ -333,12 +337,13 @@ def run_grpo(cfg) -> dict[str, Any]:
   return with_final_eval(cfg, {"final_step": step, "metrics": last})
 
 
-def _score_rows(score, params, rows: dict[str, np.ndarray], micro: int, rs: RunSetup) -> np.ndarray:
+def _score_rows(score, params, rows: dict[str, np.ndarray], micro: int, rs: RunSetup, frozen=None) -> np.ndarray:
+  """Log-probs [N, T] of `params`; with `frozen` (LoRA) of `params` merged into that base."""
   n, t = rows["inputs"].shape
   keys = ("inputs", "targets", "positions", "segments")
   batch = {k: jnp.asarray(rows[k].reshape(n // micro, micro, t)) for k in keys}
   with sharding.use_mesh(rs.mesh, rs.rules):
-    out = score(params, batch)
+    out = score(params, batch, frozen)
   if jax.process_count() > 1:  # the rows are the same on every process: gather the whole result
     out = multihost_utils.process_allgather(out, tiled=True)
   return np.asarray(jax.device_get(out)).reshape(n, t)
