@@ -18,7 +18,7 @@ from jaxreason.lora.config import LoraConfig
 from jaxreason.train.state import TrainState
 from test_grpo_trainer import TEMP, _metrics, _train, tiny_sft  # noqa: F401  (fixture)
 from test_lora_runs import _params, _resume_from, _same
-from test_ppo import TINY_PPO, P, _ppo_rows, models  # noqa: F401  (fixture)
+from test_ppo import TINY_PPO, P, _ppo_rows, _saved_step, models  # noqa: F401  (fixture)
 
 LR = 0.5
 
@@ -75,7 +75,6 @@ LORA_PPO = "lora={rank: 4, alpha: 8.0, targets: [q, v, up]}"
 def test_lora_ppo_checkpoints_adapters_and_resumes_exactly(tmp_path, tiny_sft):
   """a runs 4 steps (beta > 0: the reference is the frozen base); b resumes from a's step 2 and
   reproduces steps 3-4 exactly: adapters, critic and both optimizer states are in the step."""
-  import orbax.checkpoint as ocp
   from jaxreason.checkpoint import read_json_item
   a, b = tmp_path / "a", tmp_path / "b"
   (tmp_path / "a.yaml").write_text(TINY_PPO.format(out=a, init=tiny_sft))
@@ -90,12 +89,7 @@ def test_lora_ppo_checkpoints_adapters_and_resumes_exactly(tmp_path, tiny_sft):
   for s in (3, 4):
     for key in ("loss", "reward_mean", "grad_norm", "kl", "value_loss", "values_mean_rollout"):
       assert ma[s][key] == mb[s][key], (s, key, ma[s][key], mb[s][key])
-  trees = []
-  for d in (a, b):
-    with ocp.CheckpointManager(str(d / "checkpoints")) as mngr:
-      r = mngr.restore(4, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                  opt_state=ocp.args.StandardRestore()))
-    trees.append((r.params, r.opt_state))
+  trees = [_saved_step(d, 4) for d in (a, b)]
   assert set(trees[0][0]) == {"lora"} and ppo_loss.VALUE_HEAD in trees[0][1]["critic"]
   _same(trees[0], trees[1])
   # The run reads as a policy: the adapters merged onto the base; untargeted weights are the base's.

@@ -171,6 +171,15 @@ logging: {{progress_bar: false}}
 """
 
 
+def _saved_step(run, step: int) -> tuple:
+  """(params, opt_state) of a run's checkpoint step as saved (no model structure applied)."""
+  import orbax.checkpoint as ocp
+  with ocp.CheckpointManager(str(run / "checkpoints")) as mngr:
+    r = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                   opt_state=ocp.args.StandardRestore()))
+  return r.params, r.opt_state
+
+
 @pytest.mark.slow  # a subprocess run (~1-2 min on 2 cores)
 def test_ppo_raises_a_toy_reward(tmp_path, tiny_sft):
   out = tmp_path / "toy"
@@ -214,13 +223,7 @@ def test_ppo_resumes_exactly_after_sigkill(tmp_path, tiny_sft):
   for s in (3, 4):
     for key in ("loss", "reward_mean", "grad_norm", "kl", "value_loss", "values_mean_rollout"):
       assert ma[s][key] == mb[s][key], (s, key, ma[s][key], mb[s][key])
-  import orbax.checkpoint as ocp
-  trees = []
-  for d in (a, b):
-    with ocp.CheckpointManager(str(d / "checkpoints")) as mngr:
-      r = mngr.restore(4, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                  opt_state=ocp.args.StandardRestore()))
-    trees.append((r.params, r.opt_state))
+  trees = [_saved_step(d, 4) for d in (a, b)]
   assert ppo_loss.VALUE_HEAD in trees[0][1]["critic"]
   for x, y in zip(jax.tree.leaves(trees[0]), jax.tree.leaves(trees[1])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
