@@ -84,6 +84,12 @@ class QuestionStream:
     return self.position / len(self.questions)
 
 
+def stream_meta(stream: "QuestionStream", seed: int, total_steps: int):
+  """A rollout trainer's `save_meta` for `fit`: the step, the question stream's position (exact
+  resume), the seed and the run's length."""
+  return lambda step: {"step": step, "stream_position": stream.position, "seed": seed, "total_steps": total_steps}
+
+
 @dataclasses.dataclass
 class Completions:
   """G completions per question, question-major (question j -> rows j*G .. j*G+G-1)."""

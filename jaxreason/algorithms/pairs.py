@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxreason import sharding
 from jaxreason.data.preference import PreferenceBatches, build_preference_batches
-from jaxreason.train.loop import StepOutput, fit, global_batch, make_logger
+from jaxreason.train.loop import StepOutput, fit_and_close, global_batch, make_logger
 from jaxreason.train.step import make_train_step
 
 
@@ -111,11 +111,7 @@ def fit_pairs(rs, data: PreferenceBatches, state, meta, step_fn, ckpt, total_ste
   def save_meta(step: int) -> dict:
     return {"step": step, "data_state": data_iter.get_state(), "seed": cfg.seed, "total_steps": total_steps}
 
-  try:
-    _, step, last = fit(rs, state, start=start, total_steps=total_steps, train_step=train_step, save_meta=save_meta,
-                        ckpt=ckpt, logger=logger, extra_items=extra_items,
-                        log_extra=lambda step, row: {"epoch": step / data.steps_per_epoch})
-  finally:
-    ckpt.close()
-    logger.close()
+  _, step, last = fit_and_close(rs, state, start=start, total_steps=total_steps, train_step=train_step,
+                                save_meta=save_meta, ckpt=ckpt, logger=logger, extra_items=extra_items,
+                                log_extra=lambda step, row: {"epoch": step / data.steps_per_epoch})
   return step, last

@@ -340,7 +340,7 @@ def fit(rs: "RunSetup", state: TrainState, *, start: int, total_steps: int,
   saves (and one at total_steps when `save_at_end`), and on SIGTERM a forced save, a wait for the
   write and `Preempted`. Checkpoints carry `save_meta(step)` as their train_meta. `guard`: an
   outer PreemptionGuard (when the caller spans more than this loop, e.g. rollouts between fits);
-  otherwise fit installs its own. The caller owns (and closes) `ckpt` and `logger`.
+  otherwise fit installs its own. The caller owns (and closes) `ckpt` and `logger` (`fit_and_close`).
   """
   cfg = rs.cfg
   hooks = list(hooks) + [make(rs) for make in DEFAULT_HOOKS]
@@ -402,6 +402,17 @@ def fit(rs: "RunSetup", state: TrainState, *, start: int, total_steps: int,
     for h in hooks:
       h.on_end(step)
   return holder["state"], step, last
+
+
+def fit_and_close(rs: "RunSetup", state: TrainState, *, ckpt, logger: metrics_log.MetricsLogger,
+                  **kwargs: Any) -> tuple[TrainState, int, dict]:
+  """`fit`, then the checkpointer and the logger closed whether it finished or raised (what every
+  algorithm's run ends with). `ckpt` needs `save`/`wait` for fit and `close` here."""
+  try:
+    return fit(rs, state, ckpt=ckpt, logger=logger, **kwargs)
+  finally:
+    ckpt.close()
+    logger.close()
 
 
 def with_final_eval(cfg, result: dict[str, Any]) -> dict[str, Any]:

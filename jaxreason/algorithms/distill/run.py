@@ -25,7 +25,7 @@ from jaxreason import sharding
 from jaxreason.algorithms.distill.loss import chunked_kd, kd_loss
 from jaxreason.algorithms.sft.loss import normalizers as sft_normalizers
 from jaxreason.lora.adapters import merged_params
-from jaxreason.train.loop import (StepOutput, build_data, fit, global_batch, make_checkpointer, make_logger, make_tx,
+from jaxreason.train.loop import (StepOutput, build_data, fit_and_close, global_batch, make_checkpointer, make_logger, make_tx,
                                   restore_or_init, row_shardings, setup_run, with_final_eval)
 from jaxreason.train.state import state_shardings
 from jaxreason.train.step import jit_step, make_train_step
@@ -100,7 +100,7 @@ def run_distill(cfg) -> dict[str, Any]:
     data_iter = iter(data)
   else:
     from jaxreason.algorithms.grpo.run import completion_rows
-    from jaxreason.rollout import QuestionStream, RolloutSampler, load_questions
+    from jaxreason.rollout import QuestionStream, RolloutSampler, load_questions, stream_meta
     rc = cfg.rollout
     questions = load_questions([s.path for s in cfg.data.train], rs.out, rc.format, rs.tokenizer)
     n_rollout = rc.prompts_per_step * rc.num_generations
@@ -174,13 +174,8 @@ def run_distill(cfg) -> dict[str, Any]:
                      time_rollout=t1 - t0, time_update=time.perf_counter() - t1)
       return StepOutput(state, metrics)
 
-    def save_meta(step: int) -> dict:
-      return {"step": step, "stream_position": stream.position, "seed": cfg.seed, "total_steps": total_steps}
+    save_meta = stream_meta(stream, cfg.seed, total_steps)
 
-  try:
-    _, step, last = fit(rs, state, start=start, total_steps=total_steps, train_step=train_step, save_meta=save_meta,
-                        ckpt=ckpt, logger=logger, log_first=True)
-  finally:
-    ckpt.close()
-    logger.close()
+  _, step, last = fit_and_close(rs, state, start=start, total_steps=total_steps, train_step=train_step,
+                                save_meta=save_meta, ckpt=ckpt, logger=logger, log_first=True)
   return with_final_eval(cfg, {"final_step": step, "metrics": last})

@@ -35,8 +35,8 @@ from jaxreason import generation, sharding
 from jaxreason.algorithms import advantages as adv_lib
 from jaxreason.algorithms.grpo import loss as grpo_lib
 from jaxreason.algorithms.grpo.loss import make_grpo_step, make_ref_scorer
-from jaxreason.rollout import Completions, QuestionStream, Rewards, RolloutSampler, load_questions
-from jaxreason.train.loop import (RunSetup, StepOutput, fit, global_batch, initial_params, make_checkpointer,
+from jaxreason.rollout import Completions, QuestionStream, Rewards, RolloutSampler, load_questions, stream_meta
+from jaxreason.train.loop import (RunSetup, StepOutput, fit_and_close, global_batch, initial_params, make_checkpointer,
                                   make_logger, make_tx, restore_or_init, row_shardings, setup_run, with_final_eval)
 from jaxreason.train.state import state_shardings
 from jaxreason.lora.adapters import merged_params
@@ -322,15 +322,10 @@ def run_grpo(cfg) -> dict[str, Any]:
       _log_samples(samples_path, done, samples, logger)
     return StepOutput(state, metrics)
 
-  def save_meta(step: int) -> dict:
-    return {"step": step, "stream_position": stream.position, "seed": cfg.seed, "total_steps": total_steps}
+  save_meta = stream_meta(stream, cfg.seed, total_steps)
 
-  try:
-    _, step, last = fit(rs, state, start=start, total_steps=total_steps, train_step=train_step, save_meta=save_meta,
-                        ckpt=ckpt, logger=logger, log_first=True)
-  finally:
-    ckpt.close()
-    logger.close()
+  _, step, last = fit_and_close(rs, state, start=start, total_steps=total_steps, train_step=train_step,
+                                save_meta=save_meta, ckpt=ckpt, logger=logger, log_first=True)
   if rs.is_main:
     from jaxreason.algorithms.rl_plots import write_rewards_plot
     write_rewards_plot(rs.out)

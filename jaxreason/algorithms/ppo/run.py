@@ -51,8 +51,8 @@ from jaxreason.algorithms.ppo.loss import VALUE_HEAD, init_value_head, make_ppo_
 from jaxreason.algorithms.rl_plots import write_rewards_plot
 from jaxreason.checkpoint import config_to_json
 from jaxreason.lora import adapters as lora_adapters
-from jaxreason.rollout import QuestionStream, Rewards, RolloutSampler, load_questions
-from jaxreason.train.loop import (StepOutput, fit, global_batch, initial_params, make_checkpointer, make_logger,
+from jaxreason.rollout import QuestionStream, Rewards, RolloutSampler, load_questions, stream_meta
+from jaxreason.train.loop import (StepOutput, fit_and_close, global_batch, initial_params, make_checkpointer, make_logger,
                                   make_tx, row_shardings, setup_run, with_final_eval)
 from jaxreason.train.state import TrainState, init_train_state, params_state_shardings, replicated
 from jaxreason.train.step import jit_step
@@ -143,6 +143,9 @@ class JointCheckpointer:
 
   def wait(self):
     self.ckpt.wait()
+
+  def close(self):
+    self.ckpt.close()
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -336,18 +339,13 @@ def run_ppo(cfg) -> dict[str, Any]:
       _log_samples(samples_path, done, samples, logger)
     return StepOutput(state, metrics)
 
-  def save_meta(step: int) -> dict:
-    return {"step": step, "stream_position": stream.position, "seed": cfg.seed, "total_steps": total_steps}
+  save_meta = stream_meta(stream, cfg.seed, total_steps)
 
   marker = {"ppo_critic": {"critic_init": pc.critic_init, "layout": "opt_state/critic: critic params "
                            "(decoder + value_head); opt_state/opt: {policy, critic} optimizer states",
                            "model_config": config_to_json(critic_cfg)}}
-  try:
-    _, step, last = fit(rs, state, start=start, total_steps=total_steps, train_step=train_step, save_meta=save_meta,
-                        ckpt=ckpt, logger=logger, log_first=True, extra_items=marker)
-  finally:
-    base_ckpt.close()
-    logger.close()
+  _, step, last = fit_and_close(rs, state, start=start, total_steps=total_steps, train_step=train_step,
+                                save_meta=save_meta, ckpt=ckpt, logger=logger, log_first=True, extra_items=marker)
   if rs.is_main:
     write_rewards_plot(rs.out)
   return with_final_eval(cfg, {"final_step": step, "metrics": last})

@@ -17,7 +17,7 @@ from jaxreason import sharding
 from jaxreason.algorithms.sft.heldout import make_heldout_eval
 from jaxreason.algorithms.sft.loss import make_sft_step
 from jaxreason.train import metrics_log
-from jaxreason.train.loop import (StepOutput, build_data, fit, global_batch, make_checkpointer, make_logger, make_tx,
+from jaxreason.train.loop import (StepOutput, build_data, fit_and_close, global_batch, make_checkpointer, make_logger, make_tx,
                                   restore_or_init, setup_run, with_final_eval)
 from jaxreason.train.state import state_shardings
 from jaxreason.lora.adapters import merged_params
@@ -85,10 +85,6 @@ def run_sft(cfg) -> dict[str, Any]:
       extra.update(heldout_eval(merged_params(latest["state"])))  # at log steps only (eval_every: a multiple of log_every)
     return extra
 
-  try:
-    _, step, last = fit(rs, state, start=start, total_steps=total_steps, train_step=train_step, save_meta=save_meta,
-                        ckpt=ckpt, logger=logger, log_extra=log_extra)
-  finally:
-    ckpt.close()
-    logger.close()
+  _, step, last = fit_and_close(rs, state, start=start, total_steps=total_steps, train_step=train_step,
+                                save_meta=save_meta, ckpt=ckpt, logger=logger, log_extra=log_extra)
   return with_final_eval(cfg, {"final_step": step, "metrics": last})
