@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -223,20 +223,35 @@ def _check(cfg) -> None:
     raise ValueError("data.train is empty: list question/answer files (or a task:) to draw prompts from")
 
 
+class RolloutShape(NamedTuple):
+  """What a rollout trainer (grpo, ppo) derives from its config and questions."""
+  seq_len: int  # the longest prompt + rollout.max_new_tokens, rounded up to a multiple of 8
+  n_rollout: int  # completions per step: prompts_per_step x num_generations
+  gbs: int  # completions per optimizer update (train.global_batch_size)
+  micro: int  # completions per micro-batch
+  accum: int  # micro-batches per update
+  total_steps: int  # train.max_steps, or data.num_epochs over the questions
+
+
+def rollout_shape(cfg, questions) -> RolloutShape:
+  rc = cfg.rollout
+  prompt_len = max(len(q.ids) for q in questions)
+  gbs = cfg.train.global_batch_size
+  micro = cfg.train.micro_batch_size or gbs
+  total = cfg.train.max_steps or math.ceil(cfg.data.num_epochs * len(questions) / rc.prompts_per_step)
+  return RolloutShape(seq_len=-(-(prompt_len + rc.max_new_tokens) // 8) * 8,
+                      n_rollout=rc.prompts_per_step * rc.num_generations, gbs=gbs, micro=micro, accum=gbs // micro,
+                      total_steps=total)
+
+
 def run_grpo(cfg) -> dict[str, Any]:
   _check(cfg)
   rc, gc = cfg.rollout, cfg.grpo
   rs = setup_run(cfg)
   tok = rs.tokenizer
   questions = load_questions([s.path for s in cfg.data.train], rs.out, rc.format, tok)
-  prompt_len = max(len(q.ids) for q in questions)
-  seq_len = -(-(prompt_len + rc.max_new_tokens) // 8) * 8
-  n_rollout = rc.prompts_per_step * rc.num_generations
-  gbs = cfg.train.global_batch_size
-  micro = cfg.train.micro_batch_size or gbs
-  accum = gbs // micro
+  seq_len, n_rollout, gbs, micro, accum, total_steps = rollout_shape(cfg, questions)
   updates_per_step = (n_rollout // gbs) * gc.num_iterations
-  total_steps = cfg.train.max_steps or math.ceil(cfg.data.num_epochs * len(questions) / rc.prompts_per_step)
   tx, schedule = make_tx(cfg, rs.abs_params, total_steps * updates_per_step)
   shardings = state_shardings(rs.abs_state, tx, rs.mesh, rs.rules)
   ckpt = make_checkpointer(cfg)

@@ -32,7 +32,6 @@ run merged like any LoRA run; the critic and both optimizer states are in `opt_s
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 import types
@@ -46,7 +45,7 @@ from jax.experimental import multihost_utils
 
 from jaxreason import sharding
 from jaxreason.algorithms import advantages as adv_lib
-from jaxreason.algorithms.grpo.run import _log_samples, collect, rollout_batch
+from jaxreason.algorithms.grpo.run import _log_samples, collect, rollout_batch, rollout_shape
 from jaxreason.algorithms.ppo.loss import VALUE_HEAD, init_value_head, make_ppo_step, make_scorer, split_tx
 from jaxreason.algorithms.rl_plots import write_rewards_plot
 from jaxreason.checkpoint import config_to_json
@@ -192,15 +191,9 @@ def run_ppo(cfg) -> dict[str, Any]:
   rs = setup_run(cfg)
   tok = rs.tokenizer
   questions = load_questions([s.path for s in cfg.data.train], rs.out, rc.format, tok)
-  prompt_len = max(len(q.ids) for q in questions)
-  seq_len = -(-(prompt_len + rc.max_new_tokens) // 8) * 8
-  n_rollout = rc.prompts_per_step * rc.num_generations
-  gbs = cfg.train.global_batch_size
-  micro = cfg.train.micro_batch_size or gbs
-  accum = gbs // micro
+  seq_len, n_rollout, gbs, micro, accum, total_steps = rollout_shape(cfg, questions)
   mini_batches = n_rollout // gbs
   updates_per_step = mini_batches * pc.ppo_epochs
-  total_steps = cfg.train.max_steps or math.ceil(cfg.data.num_epochs * len(questions) / rc.prompts_per_step)
 
   # The policy and the critic, each with its own optimizer, trained by one joint step.
   critic_def, critic_abs_state, critic_cfg, critic_params_fn = _critic_setup(cfg, rs)
