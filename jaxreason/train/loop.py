@@ -207,12 +207,23 @@ def restore_or_init(rs: RunSetup, tx, shardings: TrainState, ckpt: TrainCheckpoi
   if spec is None:
     with sharding.use_mesh(rs.mesh, rs.rules):
       return init_train_state(params, tx, shardings), None
-  trainable, _ = lora_adapters.split(params, spec, rs.cfg.seed)
+  trainable, frozen = lora_adapters.split(params, spec, rs.cfg.seed)
   trainable = jax.device_put(trainable, trained.params)
   with sharding.use_mesh(rs.mesh, rs.rules):
     state = init_train_state(trainable, tx, trained)
-  return with_frozen(state, params), None
+  return dataclasses.replace(state, frozen=jax.device_put(frozen, shardings.frozen)), None
 
+
+
+def reference_params(rs: RunSetup, state: TrainState) -> dict:
+  """The frozen initial policy of a KL term, in the compute dtype. With LoRA: {} (no adapters),
+  which the scorers merge into `state.frozen`, the base itself: no second copy is kept."""
+  if state.frozen is not None:
+    return {}
+  with sharding.use_mesh(rs.mesh, rs.rules):
+    params = initial_params(rs.cfg, rs.model_cfg, rs.mesh)
+  dt = jnp.dtype(rs.model_cfg.dtype)
+  return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 def make_logger(rs: RunSetup, total_steps: int, start: int) -> metrics_log.MetricsLogger:
   lc = rs.cfg.logging

@@ -36,8 +36,9 @@ from jaxreason.algorithms import advantages as adv_lib
 from jaxreason.algorithms.grpo import loss as grpo_lib
 from jaxreason.algorithms.grpo.loss import make_grpo_step, make_ref_scorer
 from jaxreason.rollout import Completions, QuestionStream, Rewards, RolloutSampler, load_questions, stream_meta
-from jaxreason.train.loop import (RunSetup, StepOutput, fit_and_close, global_batch, initial_params, make_checkpointer,
-                                  make_logger, make_tx, restore_or_init, row_shardings, setup_run, with_final_eval)
+from jaxreason.train.loop import (RunSetup, StepOutput, fit_and_close, global_batch, make_checkpointer,
+                                  make_logger, make_tx, reference_params, restore_or_init, row_shardings, setup_run,
+                                  with_final_eval)
 from jaxreason.train.state import state_shardings
 from jaxreason.lora.adapters import merged_params
 from jaxreason.train.step import jit_step
@@ -262,14 +263,8 @@ def run_grpo(cfg) -> dict[str, Any]:
   ref_params, ref_score = None, None
   token_level = gc.advantage_estimator in adv_lib.TOKEN_ESTIMATORS
   score_trainer = gc.is_correction != "none" and gc.num_iterations > 1  # the old policy's own log-probs
-  if gc.beta > 0 or (token_level and gc.reward_kl_coef > 0):  # the frozen initial policy, in the compute dtype
-    if state.frozen is not None:  # LoRA: the frozen base itself (merged with no adapters inside the scorer's jit)
-      ref_params = {}
-    else:
-      with sharding.use_mesh(rs.mesh, rs.rules):
-        ref_params = initial_params(cfg, rs.model_cfg, rs.mesh)
-      dt = jnp.dtype(rs.model_cfg.dtype)
-      ref_params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, ref_params)
+  if gc.beta > 0 or (token_level and gc.reward_kl_coef > 0):  # the frozen initial policy (LoRA: {}, the base)
+    ref_params = reference_params(rs, state)
   if ref_params is not None or score_trainer:
     ref_score = make_ref_scorer(rs.graphdef, rc.temperature)
 

@@ -52,7 +52,7 @@ from jaxreason.checkpoint import config_to_json
 from jaxreason.lora import adapters as lora_adapters
 from jaxreason.rollout import QuestionStream, Rewards, RolloutSampler, load_questions, stream_meta
 from jaxreason.train.loop import (StepOutput, fit_and_close, global_batch, initial_params, make_checkpointer, make_logger,
-                                  make_tx, row_shardings, setup_run, with_final_eval)
+                                  make_tx, reference_params, row_shardings, setup_run, with_final_eval)
 from jaxreason.train.state import TrainState, init_train_state, params_state_shardings, replicated
 from jaxreason.train.step import jit_step
 
@@ -236,8 +236,9 @@ def run_ppo(cfg) -> dict[str, Any]:
   else:
     policy, frozen = policy_base(), None
     if lora is not None:  # fresh adapters (B = 0: the first rollout is the base's) beside the frozen base
-      frozen = frozen_of(policy)
-      policy = jax.device_put(lora_adapters.split(policy, lora, cfg.seed)[0], trained.params["policy"])
+      policy, frozen = lora_adapters.split(policy, lora, cfg.seed)
+      policy = jax.device_put(policy, trained.params["policy"])
+      frozen = jax.device_put(frozen, shardings.frozen)
     with sharding.use_mesh(rs.mesh, rs.rules):
       params = {"policy": policy, "critic": critic_params_fn()}
       state = dataclasses.replace(init_train_state(params, tx, trained), frozen=frozen)
@@ -245,12 +246,7 @@ def run_ppo(cfg) -> dict[str, Any]:
   start = int(meta["step"]) if meta else 0
   stream = QuestionStream(questions, cfg.seed, position=int(meta["stream_position"]) if meta else 0)
 
-  ref_params = None
-  if pc.beta > 0 and lora is None:  # the frozen initial policy, in the compute dtype (LoRA: the frozen base)
-    with sharding.use_mesh(rs.mesh, rs.rules):
-      ref_params = initial_params(cfg, rs.model_cfg, rs.mesh)
-    dt = jnp.dtype(rs.model_cfg.dtype)
-    ref_params = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, ref_params)
+  ref_params = reference_params(rs, state) if pc.beta > 0 else None  # LoRA: {} (the frozen base)
   scorer = make_scorer(rs.graphdef, critic_def, rc.temperature)
 
   ranks = {k: 3 for k in ROW_KEYS}
@@ -292,10 +288,8 @@ def run_ppo(cfg) -> dict[str, Any]:
     with sharding.use_mesh(rs.mesh, rs.rules):
       own = _score(lambda b: scorer(policy, state.params["critic"], b), rows, micro)
       ref = None
-      if ref_params is not None:
-        ref = _score(lambda b: scorer(ref_params, None, b), rows, micro)["logp"]
-      elif pc.beta > 0:  # LoRA: the reference is the frozen base (no adapters), merged inside the scorer
-        ref = _score(lambda b: scorer({}, None, b, state.frozen), rows, micro)["logp"]
+      if ref_params is not None:  # LoRA: the frozen base with no adapters, merged inside the scorer
+        ref = _score(lambda b: scorer(ref_params, None, b, state.frozen), rows, micro)["logp"]
     del policy
     rows["old_logp"], rows["old_values"] = own["logp"] * rows["mask"], own["values"] * rows["mask"]
     if pc.is_correction != "none":
