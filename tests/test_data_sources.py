@@ -173,3 +173,19 @@ def test_tfds_source_without_tensorflow_is_a_clear_error():
     pytest.skip("tensorflow-datasets is installed here")
   with pytest.raises(S.DataError, match=r"tfds:gsm8k:train: TFDS sources need .*jaxreason\[tfds\]"):
     S.read_rows("tfds:gsm8k:train")
+
+
+def test_addition_direct_rows_answer_without_thinking_and_keep_the_questions():
+  from jaxreason.data.tasks import addition_trace, load_task
+  plain = load_task("addition:n=400,seed=5,min_digits=2,max_digits=3")
+  mixed = load_task("addition:n=400,seed=5,min_digits=2,max_digits=3,direct=60")
+  assert [r["question"] for r in mixed] == [r["question"] for r in plain]
+  assert all(r["attempt"] == r["answer"] == str(eval(r["question"])) for r in mixed)
+  direct = [r for r in mixed if r["thinking"] == ""]
+  assert 0.5 < len(direct) / len(mixed) < 0.7  # 60 % of the rows, seeded
+  for r in mixed:
+    if r["thinking"]:
+      assert r["thinking"] == addition_trace(*map(int, r["question"].split("+")))
+  assert all(r["thinking"] == "" for r in load_task("addition:n=50,seed=5,direct=100"))
+  with pytest.raises(ValueError, match="direct"):
+    load_task("addition:n=5,direct=101")

@@ -5,6 +5,11 @@ column from the right ("7+8=15" then "5+6+1=12" ...), so harder problems need lo
 capping the thinking tokens cuts the trace and the answer suffers, which makes the s1 scaling
 curve visible even for tiny models (ENV.md measured 0.00/0.14/0.38/0.81 at 8/16/32/64 tokens).
 Rows: {"id", "question", "answer", "thinking", "attempt"} (s1 columns: question, thinking, attempt).
+
+`direct=P` (percent, default 0) gives P % of the rows an empty thinking trace: the answer comes at
+once, as from a chat model that was never taught to reason. A model fine-tuned on such a mix does
+both; the direct answers are mostly wrong for a tiny model, so RL has a behaviour to select (think
+first), which is what the RL quickstarts show. The questions are the same whatever P is.
 """
 
 from __future__ import annotations
@@ -43,17 +48,22 @@ def addition_trace(a: int, b: int) -> str:
 
 
 @register_task("addition")
-def addition(n: int = 200, seed: int = 0, min_digits: int = 2, max_digits: int = 7) -> list[dict]:
+def addition(n: int = 200, seed: int = 0, min_digits: int = 2, max_digits: int = 7,
+             direct: int = 0) -> list[dict]:
   if not 1 <= min_digits <= max_digits:
     raise ValueError(f"addition: need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+  if not 0 <= direct <= 100:
+    raise ValueError(f"addition: direct is a percentage of rows in [0, 100], got {direct}")
   rng = random.Random(seed)
+  mode_rng = random.Random(f"addition-direct-{seed}")  # its own stream: the questions don't depend on it
   rows = []
   for i in range(n):
     da, db = rng.randint(min_digits, max_digits), rng.randint(min_digits, max_digits)
     a = rng.randint(10 ** (da - 1), 10**da - 1)
     b = rng.randint(10 ** (db - 1), 10**db - 1)
+    thinking = "" if mode_rng.random() * 100 < direct else addition_trace(a, b)
     rows.append({"id": f"add-{seed}-{i}", "question": f"{a}+{b}", "answer": str(a + b),
-                 "thinking": addition_trace(a, b), "attempt": str(a + b)})
+                 "thinking": thinking, "attempt": str(a + b)})
   return rows
 
 
