@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from jaxreason import sharding
 from jaxreason.data import sources
@@ -108,6 +108,24 @@ class Completions:
     return self.questions[row // self.group_size]
 
 
+def sampler_mesh(mesh, layout, process_index: int):
+  """The mesh rollouts sample on, given the training mesh and `rollout.mesh` (None: default).
+
+  On a mesh whose devices span several processes: a mesh of `process_index`'s devices only (`layout`
+  lays them out; default: the training mesh's tensor axis where it divides them, the rest as data
+  parallelism), so no collective crosses processes while sampling. On one process: `layout` over the
+  same devices, or the training mesh itself. The plan (`jaxreason.plan`) compiles the sampler on
+  this mesh too, for process 0 of a multi-host topology."""
+  devices = list(mesh.devices.flat)
+  if len({d.process_index for d in devices}) > 1:
+    local = [d for d in devices if d.process_index == process_index]
+    tensor = mesh.shape["tensor"] if len(local) % mesh.shape["tensor"] == 0 else 1
+    return sharding.make_mesh(layout or sharding.MeshConfig(data=1, fsdp=-1, tensor=tensor), local)
+  if layout is not None:  # a sampling mesh of its own over the same devices
+    return sharding.make_mesh(layout, devices)
+  return mesh
+
+
 class RolloutSampler:
   """The jitted sampler fed from train-state parameters, with the rollout settings.
 
@@ -119,14 +137,8 @@ class RolloutSampler:
 
   def __init__(self, graphdef, abs_state, model_cfg, mesh, tokenizer, rcfg):
     self.split = jax.process_count() > 1
-    if self.split:
-      local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-      tensor = mesh.shape["tensor"] if len(local) % mesh.shape["tensor"] == 0 else 1
-      layout = getattr(rcfg, "mesh", None) or sharding.MeshConfig(data=1, fsdp=-1, tensor=tensor)
-      self._replicate = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))
-      mesh = sharding.make_mesh(layout, local)
-    elif getattr(rcfg, "mesh", None) is not None:  # a sampling mesh of its own over the same devices
-      mesh = sharding.make_mesh(rcfg.mesh, list(mesh.devices.flat))
+    train_mesh = mesh
+    mesh = sampler_mesh(mesh, getattr(rcfg, "mesh", None), jax.process_index())
     self.rcfg, self.tokenizer, self.mesh = rcfg, tokenizer, mesh
     self.sampling_shardings = sharding.pure_shardings(abs_state, mesh, sharding.SAMPLING_RULES)
     self.sampling_cfg = generation.sampling_config(
@@ -134,22 +146,32 @@ class RolloutSampler:
         top_k=rcfg.top_k, n=rcfg.num_generations, stop=rcfg.stop)
     self.budget = generation.budget_forcing(rcfg.format, tokenizer, rcfg.max_thinking_tokens, rcfg.num_waits)
     self.sampler = Sampler.for_graph(graphdef, model_cfg, newline_mask_for(tokenizer, model_cfg.vocab_size))
+    if self.split:
+      # Every process's sampler mesh side by side under a leading "process" axis: the weights laid
+      # out there as each local sampler wants them (sharded within a process, the same copy in
+      # every process) are one reshard from the training layout, and a process's shards of that
+      # array are its local sampler's array. No device holds more than its local shard.
+      stacked = np.stack([sampler_mesh(train_mesh, getattr(rcfg, "mesh", None), p).devices
+                          for p in range(jax.process_count())])
+      across = Mesh(stacked, ("process", *mesh.axis_names))
+      self._to_local_layout = jax.jit(lambda t: t, out_shardings=jax.tree.map(
+          lambda sh: NamedSharding(across, sh.spec), self.sampling_shardings))
 
   def set_params(self, params: dict) -> None:
     """Points the sampler at `params` (a pure dict on device): resharded to the sampling preset
     (device to device; a no-op where the layouts agree) and cast to the compute dtype. On several
-    processes the weights are first replicated over every device (one all-gather, run by every
-    process at the same point), then this process's copies become its local sampler's weights."""
+    processes one reshard (run by every process at the same point) lays the weights out in every
+    process as its local sampler shards them; this process's shards then become its sampler's
+    weights, without a copy."""
     if self.split:
-      full = self._replicate(params)
-      here = NamedSharding(self.mesh, PartitionSpec())
+      laid_out = self._to_local_layout(params)
 
-      def local(x):
+      def local(x, sh):
         by_device = {s.device: s.data for s in x.addressable_shards}
         return jax.make_array_from_single_device_arrays(
-            x.shape, here, [by_device[d] for d in here.addressable_devices_indices_map(x.shape)])
+            x.shape, sh, [by_device[d] for d in sh.addressable_devices_indices_map(x.shape)])
 
-      params = jax.tree.map(local, full)
+      params = jax.tree.map(local, laid_out, self.sampling_shardings)
     self.sampler.set_state(jax.device_put(params, self.sampling_shardings))
 
   def sample(self, questions: Sequence[Question], seed: int, n: int | None = None, rewards: "Rewards | None" = None):

@@ -48,6 +48,11 @@ def rollouts(out_dir: str, mesh_cfg, devices=None) -> dict:
   questions = load_questions([SPEC], os.path.join(out_dir, str(os.getpid())), "s1", tok)
   roller = RolloutSampler(graphdef, state, mcfg, mesh, tok, cfg.rollout)
   roller.set_params(nnx.to_pure_dict(state))
+  fractions = []  # on several processes: per weight, the share of it one device holds on the way
+  if roller.split:
+    import jax
+    for x in jax.tree.leaves(roller._to_local_layout(nnx.to_pure_dict(state))):
+      fractions.append(max(sh.data.size for sh in x.addressable_shards) / x.size)
   rewards = Rewards({f"{__name__}:digits": 1.0}, "s1", accuracy=f"{__name__}:digits")
   GRADED.clear()
   c, r = roller.sample(questions, seed=11, rewards=rewards)
@@ -55,7 +60,7 @@ def rollouts(out_dir: str, mesh_cfg, devices=None) -> dict:
                                           float(r["reward"][i])) for i in range(len(c))}
   local = c.local_rows.tolist() if c.local_rows is not None else list(range(len(c)))
   return {"rows": rows, "local_rows": local, "graded": len(GRADED),  # the verifier is the reward: one call a row
-          "sampler_mesh": dict(roller.mesh.shape), "tokens": c.output.metrics["tokens"]}
+          "sampler_mesh": dict(roller.mesh.shape), "tokens": c.output.metrics["tokens"], "fractions": fractions}
 
 
 def _assert_same(a: dict, b: dict):
@@ -104,6 +109,9 @@ def test_two_processes_split_rollouts_and_equal_one_device(tmp_path):
     _assert_same(one, {"rows": {k: tuple(v) for k, v in g["rows"].items()}})
     assert g["sampler_mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}  # this process's 4 devices
     assert g["tokens"] == sum(len(t) for t, _, _ in one["rows"].values())  # the whole batch's count
+    # The weights reach the local samplers sharded as they use them (tensor 2 within a process), not
+    # replicated on every device first: the tensor-parallel weights are halved on each device.
+    assert min(g["fractions"]) == 0.5 and max(g["fractions"]) == 1.0, g["fractions"]
   # Each process sampled and graded only its share: batch 1 (8 questions) 4 + 4, batch 2 (4) 2 + 2.
   assert got[0]["local_rows"] == list(range(0, 12)) + list(range(24, 30))
   assert got[1]["local_rows"] == list(range(12, 24)) + list(range(30, 36))
