@@ -1,6 +1,7 @@
 """`python -m jaxreason.plan`: topologies, presets, and AOT compiles for a TPU topology checked against
 independent arithmetic (parameters x bytes, Adam moments, KV cache = 2 x L x rows x len x K x H x bytes)."""
 
+import math
 import os
 
 import pytest
@@ -114,6 +115,13 @@ def test_shipped_real_scale_config_fits_the_topology_its_header_names(config, to
   reports = run.plan(cfg, model, topo)
   bad = [(r.name, r.error, r.total / GIB) for r in reports if not r.fits]
   assert not bad, bad
+  # The sampler is compiled where RolloutSampler runs it: on one process's devices of a multi-host slice.
+  from jaxreason.plan.topology import tpu_devices
+  devices = tpu_devices(topo)
+  per_process = len(devices) // len({d.process_index for d in devices})
+  for r in reports:
+    if r.name == "sampler":
+      assert math.prod(r.mesh) == per_process, (r.mesh, per_process)
 
 
 def test_gpu_topology_is_estimated_and_labelled(capsys):

@@ -93,13 +93,16 @@ def _sampler(cfg, model_cfg, mesh, graphdef, abs_state, prompt_len: int) -> Plan
   from jaxreason.sampling import SamplingConfig
   rc = cfg.rollout
   rules = sharding.SAMPLING_RULES
-  if getattr(rc, "mesh", None) is not None:  # the sampler's own layout (`rollout.mesh`)
-    mesh = sharding.make_mesh(rc.mesh, list(mesh.devices.flat))
+  # The mesh RolloutSampler samples on: `rollout.mesh` if set; on a multi-host topology one host's
+  # devices (each process samples its share of the questions on its own devices).
+  from jaxreason.rollout import sampler_mesh
+  processes = len({d.process_index for d in mesh.devices.flat})
+  mesh = sampler_mesh(mesh, getattr(rc, "mesh", None), 0)
   state = sharded_abstract_state(abs_state, mesh, rules)
   dt = jnp.dtype(model_cfg.dtype)
   state = jax.tree.map(lambda v: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, dt, sharding=v.get_value().sharding)),
                        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  questions = rc.batch_size or rc.prompts_per_step
+  questions = -(-(rc.batch_size or rc.prompts_per_step) // processes)  # each process samples its share
   p = bucket_length(prompt_len)
   scfg = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
                         top_k=rc.top_k, n=rc.num_generations, stop_token_ids=(0,))
@@ -116,7 +119,9 @@ def _sampler(cfg, model_cfg, mesh, graphdef, abs_state, prompt_len: int) -> Plan
   return Planned("sampler", jax.jit(fn), args, "sample", slots, p + rc.max_new_tokens,
                  new_tokens=rc.max_new_tokens, rules=rules, mesh=mesh,
                  notes=[f"{questions} prompts x {n} samples in {slots} decode slots, prompt {p}, "
-                        f"{rc.max_new_tokens} new"])
+                        f"{rc.max_new_tokens} new"]
+                 + ([f"per process (1 of {processes}, on its {mesh.devices.size} devices); set_params first "
+                     "replicates the full weights on every device"] if processes > 1 else []))
 
 
 def grpo_functions(cfg, model_cfg, mesh, prompt_len: int = 512) -> list[Planned]:
