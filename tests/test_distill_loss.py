@@ -86,6 +86,9 @@ def test_quickstart_distill_config_is_valid():
   teacher = load_config(os.path.join(repo, "configs", "quickstart.yaml"))
   assert cfg.algorithm == "distill" and cfg.distill.teacher == teacher.output_dir
   assert cfg.model.num_layers * 2 == teacher.model.num_layers and cfg.model.hidden_size == teacher.model.hidden_size
-  assert cfg.data == teacher.data and cfg.train == teacher.train  # the same data and steps as the SFT baseline
+  # The teacher's column-by-column traces (not its extra direct-answer rows) and its steps; the SFT baseline
+  # is this file with algorithm=sft, so the same data and steps by construction.
+  assert cfg.data.train[0] == teacher.data.train[0] and cfg.train == teacher.train
+  assert [s.path for s in cfg.data.train] == ["task:addition:n=40000,seed=0,min_digits=2,max_digits=5"]
   sft = load_config(os.path.join(repo, "configs", "quickstart_distill.yaml"), ["algorithm=sft"])
   assert sft.model == cfg.model
