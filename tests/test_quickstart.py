@@ -171,8 +171,8 @@ def _sign_test_p(wins, losses):
 # Measured with `JAXREASON_QUICKSTART_SEED=S pytest tests/test_quickstart.py -s` on a 2-core AMD EPYC (greedy
 # no-cap accuracy on the same held-out questions, fixed / broken, error-rate cut; sampled reward, first vs last fifth):
 #   seed 0: SFT 1.0/0.7/1.4/44.1/79.0 % at budgets 4/8/16/32/none (13 % of the answers given with no thinking);
-#           GRPO 79.6 -> 95.4 % (46/1, -78 %), reward 0.65 -> 0.81; PPO (40 steps) 79.6 -> 94.0 % (44/3, -71 %),
-#           reward 0.62 -> 0.76; DPO 79.0 -> 88.8 % (30/2), implicit accuracy 0.88 -> 0.84, margin 0.016 -> 0.079
+#           GRPO 79.6 -> 95.4 % (46/1, -78 %), reward 0.65 -> 0.81; PPO 79.6 -> 94.7 % (45/2, -74 %; 40 steps: -71 %),
+#           reward 0.67 -> 0.78; DPO 79.0 -> 88.8 % (30/2), implicit accuracy 0.88 -> 0.84, margin 0.016 -> 0.079
 #   seed 1: SFT 0.7/0.7/0.7/33.9/49.7 % (14 %); GRPO 50.0 -> 66.9 % (60/12, -34 %), reward 0.40 -> 0.48;
 #           PPO 50.0 -> 64.8 % (53/11, -30 %; 40 steps: -27 %), reward 0.39 -> 0.51; DPO 49.7 -> 63.6 % (50/10)
 #   seed 2: SFT 0.0/0.0/1.0/40.9/82.2 % (17 %); GRPO 82.4 -> 98.9 % (49/2, -94 %), reward 0.81 -> 0.93;
