@@ -137,8 +137,8 @@ class RolloutSampler:
 
   def __init__(self, graphdef, abs_state, model_cfg, mesh, tokenizer, rcfg):
     self.split = jax.process_count() > 1
-    train_mesh = mesh
-    mesh = sampler_mesh(mesh, getattr(rcfg, "mesh", None), jax.process_index())
+    train_mesh, layout = mesh, getattr(rcfg, "mesh", None)
+    mesh = sampler_mesh(train_mesh, layout, jax.process_index())
     self.rcfg, self.tokenizer, self.mesh = rcfg, tokenizer, mesh
     self.sampling_shardings = sharding.pure_shardings(abs_state, mesh, sharding.SAMPLING_RULES)
     self.sampling_cfg = generation.sampling_config(
@@ -151,8 +151,7 @@ class RolloutSampler:
       # out there as each local sampler wants them (sharded within a process, the same copy in
       # every process) are one reshard from the training layout, and a process's shards of that
       # array are its local sampler's array. No device holds more than its local shard.
-      stacked = np.stack([sampler_mesh(train_mesh, getattr(rcfg, "mesh", None), p).devices
-                          for p in range(jax.process_count())])
+      stacked = np.stack([sampler_mesh(train_mesh, layout, p).devices for p in range(jax.process_count())])
       across = Mesh(stacked, ("process", *mesh.axis_names))
       self._to_local_layout = jax.jit(lambda t: t, out_shardings=jax.tree.map(
           lambda sh: NamedSharding(across, sh.spec), self.sampling_shardings))

@@ -120,8 +120,7 @@ def _sampler(cfg, model_cfg, mesh, graphdef, abs_state, prompt_len: int) -> Plan
                  new_tokens=rc.max_new_tokens, rules=rules, mesh=mesh,
                  notes=[f"{questions} prompts x {n} samples in {slots} decode slots, prompt {p}, "
                         f"{rc.max_new_tokens} new"]
-                 + ([f"per process (1 of {processes}, on its {mesh.devices.size} devices); set_params first "
-                     "replicates the full weights on every device"] if processes > 1 else []))
+                 + ([f"per process (1 of {processes}, on its {mesh.devices.size} devices)"] if processes > 1 else []))
 
 
 def grpo_functions(cfg, model_cfg, mesh, prompt_len: int = 512) -> list[Planned]:

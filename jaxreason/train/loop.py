@@ -214,7 +214,6 @@ def restore_or_init(rs: RunSetup, tx, shardings: TrainState, ckpt: TrainCheckpoi
   return dataclasses.replace(state, frozen=jax.device_put(frozen, shardings.frozen)), None
 
 
-
 def reference_params(rs: RunSetup, state: TrainState) -> dict:
   """The frozen initial policy of a KL term, in the compute dtype. With LoRA: {} (no adapters),
   which the scorers merge into `state.frozen`, the base itself: no second copy is kept."""
@@ -224,6 +223,7 @@ def reference_params(rs: RunSetup, state: TrainState) -> dict:
     params = initial_params(rs.cfg, rs.model_cfg, rs.mesh)
   dt = jnp.dtype(rs.model_cfg.dtype)
   return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
 
 def make_logger(rs: RunSetup, total_steps: int, start: int) -> metrics_log.MetricsLogger:
   lc = rs.cfg.logging
