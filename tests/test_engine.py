@@ -109,6 +109,30 @@ def test_budget_forcing_continuous_matches_hf_reference(pair):
     assert out.waits[i] == info["waits"] and bool(out.forced_end[i]) == info["forced"]
 
 
+@pytest.mark.parametrize("bf_case", [None, "waits_cap"])
+def test_shrinking_tail_equals_dense(pair, bf_case):
+  """The tail's slots compacted into halves (12 -> 6 -> 3): same results as the dense sampler, fewer
+  slot-steps than at a fixed slot count."""
+  _, sampler = pair
+  bf = None if bf_case is None else BudgetForcing(
+      trigger_id=77, end_ids=(77, 78, NEWLINE), wait_ids=(90, 91), forced_suffix_ids=(NEWLINE, 60, 61),
+      newline_ids=(NEWLINE,), max_answer_tokens=8, **BF_CASES[bf_case])
+  # Sampled rows ending at EOS or 77 without budget forcing; greedy rows under a thinking cap with Waits.
+  cfg = SamplingConfig(max_new_tokens=40, temperature=1.0 if bf is None else 0.0, top_k=40, n=3,
+                       stop_token_ids=(EOS, 77) if bf is None else (EOS,))
+  dense = sampler.generate_padded(PROMPTS, cfg, bf, seed=3, engine="dense")
+  fixed = sampler.generate_padded(PROMPTS, cfg, bf, seed=3, slots=12, min_slots=12)
+  shrunk = sampler.generate_padded(PROMPTS, cfg, bf, seed=3, slots=12, min_slots=2)
+  _same(shrunk.to_output(), dense.to_output())
+  _same(fixed.to_output(), dense.to_output())
+  assert fixed.metrics["slot_levels"] == [12]
+  levels = shrunk.metrics["slot_levels"]
+  assert levels[0] == 12 and len(levels) > 1 and all(b < a for a, b in zip(levels, levels[1:])) and levels[-1] >= 2
+  assert shrunk.metrics["slot_steps"] < fixed.metrics["slot_steps"]
+  assert shrunk.metrics["slot_occupancy"] > fixed.metrics["slot_occupancy"]
+  assert shrunk.metrics["tokens"] == fixed.metrics["tokens"] == dense.length.sum()
+
+
 def test_padded_results_and_metrics(pair):
   _, sampler = pair
   cfg = SamplingConfig(max_new_tokens=16, stop_token_ids=(EOS, 77), n=2)

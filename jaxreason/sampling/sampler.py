@@ -11,7 +11,10 @@ Two engines behind `Sampler.generate`:
   prompts are prefilled together; whenever rows finish, pending rows go into the free slots inside
   the same while loop (a prompt is prefilled once into `PromptBuffer` and copied into a slot for
   each of its samples; each slot writes the cache at its own index). No recompilation, no host
-  round trip per token; results by sample row, in prompt order.
+  round trip per token; results by sample row, in prompt order. Once the queue is empty and the
+  live rows fit in half the slots, the live slots are compacted into half as many (down to
+  `MIN_SLOTS`), so the long tail of lengths does not run mostly empty slots (one host round trip
+  and one compilation per halving).
 - "dense": every sample in its own row, decoded until the longest row ends (the earlier sampler).
 Row r's token t draws from fold_in(fold_in(key(seed), r), t), so both engines, any slot count and
 any split across processes (`distributed.generate_share`) give the same samples.
@@ -114,9 +117,13 @@ class EngineState:
   next_row: jax.Array   # [] the next pending sample row
   buffer: PromptBuffer
   inserted: jax.Array   # [] rows inserted inside the loop (prefill/insert count)
+  live: jax.Array       # [] slots holding an unfinished row when the loop stopped
 
 
 DEFAULT_SLOTS = 256  # continuous batching: decode slots when the caller names none
+# Continuous batching shrinks its slot count by halves once the queue is empty and the live rows fit
+# in half the slots (the long tail would otherwise run most slots empty), down to this many slots.
+MIN_SLOTS = 16
 
 
 @dataclasses.dataclass
@@ -338,17 +345,43 @@ def _insert(model: Transformer, e: EngineState, tokens, mask, cfg: SamplingConfi
       length=at(s.length, 0), done=at(s.done, False), finish=at(s.finish, Finish.RUNNING),
       window=at(s.window, -1), row=at(s.row, r),
       budget=jax.tree.map(lambda a, f: a.at[slot].set(f[0]), s.budget, fresh))
-  return EngineState(decode=s, next_row=r + 1, buffer=buf, inserted=e.inserted + 1)
+  return dataclasses.replace(e, decode=s, next_row=r + 1, buffer=buf, inserted=e.inserted + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "cache_len", "slots"))
+def _engine_loop(model: Transformer, e: EngineState, tokens, mask, cfg: SamplingConfig, bf: BudgetForcing | None,
+                 newline_mask: jax.Array, shrink_at: int) -> EngineState:
+  """Decodes (refilling free slots from the queue) until every row is done or, with `shrink_at` > 0,
+  until the queue is empty and at most `shrink_at` slots are live (the caller then compacts)."""
+  num_rows = tokens.shape[0] * cfg.n
+
+  def refill(e):
+    can = lambda e: jnp.any(e.decode.done) & (e.next_row < num_rows)
+    return jax.lax.while_loop(can, lambda e: _insert(model, e, tokens, mask, cfg, bf, newline_mask), e)
+
+  def cond(e):
+    pending = e.next_row < num_rows
+    go = ~jnp.all(e.decode.done) | pending
+    if shrink_at:
+      go = go & (pending | (jnp.sum(~e.decode.done) > shrink_at))
+    return go
+
+  def body(e):
+    e = refill(e)
+    return dataclasses.replace(e, decode=_step(model, e.decode, cfg, bf, newline_mask, prompt_len=tokens.shape[1]))
+
+  e = jax.lax.while_loop(cond, body, e)
+  return dataclasses.replace(e, live=jnp.sum(~e.decode.done).astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "cache_len", "slots", "shrink_at"))
 def _generate_continuous(state, tokens, mask, rng, newline_mask, row_offset, *, graphdef, cfg, bf, cache_len,
-                         slots) -> EngineState:
+                         slots, shrink_at=0) -> EngineState:
   """Continuous batching: `slots` decode slots over the queue of all prompts' n samples.
 
   The first slots // n prompts are prefilled together; whenever slots are free at the top of an
   iteration, pending rows are inserted (a prompt is prefilled once, into `PromptBuffer`, and
-  copied into a slot for each of its samples), all inside the one jitted while loop.
+  copied into a slot for each of its samples), all inside the one jitted while loop. With
+  `shrink_at` the loop stops early for `_compact` (see `_engine_loop`).
   """
   model = nnx.merge(graphdef, state)
   num_prompts, p = tokens.shape
@@ -363,20 +396,41 @@ def _generate_continuous(state, tokens, mask, rng, newline_mask, row_offset, *, 
                        positions=jnp.zeros((1, p), jnp.int32), segments=jnp.zeros((1, p), jnp.int32),
                        logits=jnp.zeros((1, s.logits.shape[1]), s.logits.dtype), next_pos=jnp.zeros((1,), jnp.int32),
                        prompt=jnp.asarray(-1, jnp.int32))
-  e = EngineState(decode=s, next_row=jnp.asarray(slots, jnp.int32), buffer=empty, inserted=jnp.zeros((), jnp.int32))
+  zero = jnp.zeros((), jnp.int32)
+  e = EngineState(decode=s, next_row=jnp.asarray(slots, jnp.int32), buffer=empty, inserted=zero, live=zero)
+  return _engine_loop(model, e, tokens, mask, cfg, bf, newline_mask, shrink_at)
 
-  def refill(e):
-    can = lambda e: jnp.any(e.decode.done) & (e.next_row < num_rows)
-    return jax.lax.while_loop(can, lambda e: _insert(model, e, tokens, mask, cfg, bf, newline_mask), e)
 
-  def cond(e):
-    return ~jnp.all(e.decode.done) | (e.next_row < num_rows)
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "shrink_at"))
+def _resume_continuous(state, e: EngineState, tokens, mask, newline_mask, *, graphdef, cfg, bf,
+                       shrink_at=0) -> EngineState:
+  """`_generate_continuous`'s loop, continued from `e` (after `_compact`)."""
+  return _engine_loop(nnx.merge(graphdef, state), e, tokens, mask, cfg, bf, newline_mask, shrink_at)
 
-  def body(e):
-    e = refill(e)
-    return dataclasses.replace(e, decode=_step(model, e.decode, cfg, bf, newline_mask, prompt_len=p))
 
-  return jax.lax.while_loop(cond, body, e)
+@functools.partial(jax.jit, static_argnames=("slots",))
+def _compact(e: EngineState, *, slots: int) -> EngineState:
+  """The live slots (at most `slots`) moved, in slot order, into a state of `slots` slots; free slots
+  fill the rest. Per-row results are indexed by row, so they do not move."""
+  s = e.decode
+  keep = jnp.argsort(s.done, stable=True)[:slots]  # live slots first
+  take = lambda a, axis=0: jnp.take(a, keep, axis=axis)
+  c = s.cache
+  cache = KVCache(k=take(c.k, 1), v=take(c.v, 1), positions=take(c.positions), segments=take(c.segments),
+                  index=take(c.index))
+  s = dataclasses.replace(s, cache=cache, logits=take(s.logits), position=take(s.position), length=take(s.length),
+                          done=take(s.done), finish=take(s.finish), window=take(s.window), row=take(s.row),
+                          budget=jax.tree.map(take, s.budget))
+  return dataclasses.replace(e, decode=s)
+
+
+def _shrink_at(slots: int, min_slots: int) -> int:
+  """The live count at which a loop over `slots` slots stops to halve them (0: never)."""
+  return slots // 2 if slots // 2 >= max(min_slots, 1) else 0
+
+
+def _scalar(x) -> int:
+  return int(np.asarray(x.addressable_data(0)))  # a replicated scalar
 
 
 def newline_mask_for(tokenizer, vocab_size: int) -> np.ndarray:
@@ -420,10 +474,11 @@ class Sampler:
 
   engine = "continuous"
   slots: int | None = None
+  min_slots: int = MIN_SLOTS
 
   def __init__(self, model: Transformer, newline_mask: np.ndarray | None = None, *, engine: str = "continuous",
-               slots: int | None = None):
-    self.engine, self.slots = engine, slots
+               slots: int | None = None, min_slots: int = MIN_SLOTS):
+    self.engine, self.slots, self.min_slots = engine, slots, min_slots
     self.graphdef, state = nnx.split(model)
     self.cfg = model.cfg
     self.state = _cast_state(state, model.cfg.dtype)
@@ -448,18 +503,22 @@ class Sampler:
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                budget: BudgetForcing | None = None, seed: int | jax.Array = 0, *,
-               engine: str | None = None, slots: int | None = None) -> SamplingOutput:
+               engine: str | None = None, slots: int | None = None, min_slots: int | None = None) -> SamplingOutput:
     """Samples `cfg.n` completions per prompt (token ids); results in prompt order. Row r's
     tokens depend only on (seed, r, the weights), not on the engine or the slot it ran in."""
-    return self.generate_padded(prompts, cfg, budget, seed, engine=engine, slots=slots).to_output()
+    return self.generate_padded(prompts, cfg, budget, seed, engine=engine, slots=slots,
+                                min_slots=min_slots).to_output()
 
   def generate_padded(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                       budget: BudgetForcing | None = None, seed: int | jax.Array = 0, *,
-                      engine: str | None = None, slots: int | None = None, row_offset: int = 0) -> SampleBatch:
+                      engine: str | None = None, slots: int | None = None, min_slots: int | None = None,
+                      row_offset: int = 0) -> SampleBatch:
     """`generate` with the results as padded arrays plus lengths, and the engine's metrics.
 
     engine: "continuous" (default, `self.engine`) or "dense"; slots: decode slots for continuous
-    batching (default `self.slots`, else DEFAULT_SLOTS; rounded to a multiple of n); row_offset:
+    batching (default `self.slots`, else DEFAULT_SLOTS; rounded to a multiple of n); min_slots: the
+    fewest slots the tail of a continuous batch shrinks to (default `self.min_slots`, MIN_SLOTS; a
+    value >= slots never shrinks); row_offset:
     these prompts' first row in a larger batch (rows draw their random numbers as they would there;
     `jaxreason.sampling.distributed` uses it).
     """
@@ -486,24 +545,48 @@ class Sampler:
       inserted = 0
     elif engine == "continuous":
       slots = self.num_slots(len(prompts), cfg.n, slots)
-      e = _generate_continuous(self.state, jnp.asarray(tokens), jnp.asarray(mask), rng, self.newline_mask, offset,
-                               graphdef=self.graphdef, cfg=cfg, bf=budget, cache_len=p + cfg.max_new_tokens,
-                               slots=slots)
-      s, inserted = e.decode, int(np.asarray(e.inserted.addressable_data(0)))  # replicated scalar
+      e, slot_steps, levels = self._continuous(tokens, mask, rng, offset, cfg, budget, slots,
+                                               self.min_slots if min_slots is None else min_slots)
+      s, inserted = e.decode, _scalar(e.inserted)
     else:
       raise ValueError(f"generate: engine must be 'continuous' or 'dense', got {engine!r}")
     s = _fetch(s)
     seconds = time.perf_counter() - t0
     useful, steps = int(s.length.sum()), int(s.steps)
-    metrics = dict(engine=engine, slots=slots, decode_steps=steps, tokens=useful, seconds=seconds,
-                   tokens_per_s=useful / max(seconds, 1e-9), inserted=inserted,
-                   slot_occupancy=useful / max(steps * slots, 1), padding_waste=1 - useful / max(steps * slots, 1),
+    if engine == "dense":
+      slot_steps, levels = steps * slots, [slots]
+    metrics = dict(engine=engine, slots=slots, decode_steps=steps, slot_steps=slot_steps, slot_levels=levels,
+                   tokens=useful, seconds=seconds, tokens_per_s=useful / max(seconds, 1e-9), inserted=inserted,
+                   slot_occupancy=useful / max(slot_steps, 1), padding_waste=1 - useful / max(slot_steps, 1),
                    longest=int(s.length.max()))
     return SampleBatch(
         tokens=s.tokens, logprobs=s.logprobs, entropies=s.entropies, injected=s.injected, length=s.length,
         finish=s.finish, thinking_tokens=s.think_total if budget is not None else np.zeros((n,), np.int32),
         answer_tokens=s.answer_tokens, waits=s.waits, forced_end=s.forced,
         prompt_index=np.repeat(np.arange(len(prompts)), cfg.n), metrics=metrics)
+
+  def _continuous(self, tokens, mask, rng, offset, cfg, budget, slots: int, min_slots: int):
+    """Continuous batching over `slots` slots, halving them (`_compact`) whenever the queue is
+    empty and the live rows fit in half, down to `min_slots`: the long tail of lengths then runs
+    in fewer slots instead of mostly empty ones (one host round trip per halving). Returns the
+    final state, the slot-steps run (sum over levels of steps x slots) and the slot counts used."""
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    kw = dict(graphdef=self.graphdef, cfg=cfg, bf=budget)
+    e = _generate_continuous(self.state, tokens, mask, rng, self.newline_mask, offset, cache_len=mask.shape[1] +
+                             cfg.max_new_tokens, slots=slots, shrink_at=_shrink_at(slots, min_slots), **kw)
+    levels, slot_steps, before = [slots], 0, 0
+    while True:
+      step, live = _scalar(e.decode.step), _scalar(e.live)
+      slot_steps, before = slot_steps + (step - before) * levels[-1], step
+      if live == 0:
+        return e, slot_steps, levels
+      new = levels[-1] // 2
+      while live <= new // 2 and new // 2 >= min_slots:
+        new //= 2
+      levels.append(new)
+      e = _compact(e, slots=new)
+      e = _resume_continuous(self.state, e, tokens, mask, self.newline_mask, shrink_at=_shrink_at(new, min_slots),
+                             **kw)
 
   def num_slots(self, num_prompts: int, n: int, slots: int | None = None) -> int:
     """Decode slots for continuous batching: `slots` (default `self.slots`), a multiple of n, at
