@@ -112,7 +112,7 @@ def merge_engine_metrics(parts: list[dict | None]) -> dict | None:
   if not parts:
     return None
   tokens = sum(m["tokens"] for m in parts)
-  slot_steps = sum(m.get("slot_steps", m["decode_steps"] * m["slots"]) for m in parts)
+  slot_steps = sum(m["slot_steps"] for m in parts)
   seconds = sum(m["seconds"] for m in parts)
   return dict(engine=parts[0]["engine"], slots=max(m["slots"] for m in parts),
               decode_steps=sum(m["decode_steps"] for m in parts), slot_steps=slot_steps, tokens=tokens, seconds=seconds,

@@ -79,8 +79,8 @@ def gather_share(local: SampleBatch, num_prompts: int, n: int, extra: Mapping[st
     return np.concatenate([a, np.zeros((rows - real,) + a.shape[1:], a.dtype)])
 
   m = local.metrics or {}
-  counters = {k: np.asarray([float(m.get(k, 0))]) for k in ("tokens", "slots", "inserted", "seconds", "longest")}
-  counters["slot_steps"] = np.asarray([float(m.get("slot_steps", m.get("decode_steps", 0) * m.get("slots", 0)))])
+  counters = {k: np.asarray([float(m.get(k, 0))])
+              for k in ("tokens", "slots", "slot_steps", "inserted", "seconds", "longest")}
   sent = {"rows": {k: pad(getattr(local, k)) for k in _ARRAYS}, "extra": {k: pad(v) for k, v in extra.items()},
           "valid": np.arange(rows) < real, "counters": counters}
   from jax.experimental import multihost_utils

@@ -581,7 +581,7 @@ class Sampler:
       if live == 0:
         return e, slot_steps, levels
       new = levels[-1] // 2
-      while live <= new // 2 and new // 2 >= min_slots:
+      while live <= _shrink_at(new, min_slots):  # halve again while the live rows fit
         new //= 2
       levels.append(new)
       e = _compact(e, slots=new)
