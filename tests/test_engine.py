@@ -166,8 +166,8 @@ def test_bucketed_decode_attention_equals_full():
   from jaxreason.ops import masks
   rng = np.random.default_rng(0)
   b, s, k, g, h = 3, 300, 2, 2, 8
-  ck = jnp.asarray(rng.normal(size=(2, b, s, k, h)), jnp.float32)
-  cv = jnp.asarray(rng.normal(size=(2, b, s, k, h)), jnp.float32)
+  ck = jnp.asarray(rng.normal(size=(2, b, k, h, s)), jnp.float32)  # the cache's keys [L, B, K, H, S]
+  cv = jnp.asarray(rng.normal(size=(2, b, k, s, h)), jnp.float32)  # values [L, B, K, S, H]
   q = jnp.asarray(rng.normal(size=(b, 1, k * g, h)), jnp.float32)
   filled = np.array([140, 7, 90])
   kv_pos = jnp.asarray(np.broadcast_to(np.arange(s), (b, s)), jnp.int32)
@@ -177,7 +177,7 @@ def test_bucketed_decode_attention_equals_full():
   got = jax.jit(lambda live: ops.cached_attention(q, ck, cv, 1, qp, qs, kv_pos, kv_seg, live, scale=0.3,
                                                           bucketed=True))(140)
   mask = masks.attention_mask(qp, qs, kv_pos, kv_seg)
-  want = ops.xla_attention(q, ck[1], cv[1], mask, 0.3)
+  want = ops.xla_attention(q, jnp.transpose(ck[1], (0, 3, 1, 2)), jnp.swapaxes(cv[1], 1, 2), mask, 0.3)  # [B, S, K, H]
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 
@@ -204,12 +204,21 @@ def test_bucketed_decode_engines_equal_whole_cache(pair, monkeypatch):
 
 def test_per_row_cache_write():
   from jaxreason.nn.layers import write_cache
-  buf = jnp.zeros((2, 3, 6, 1))
-  val = jnp.arange(1, 4, dtype=jnp.float32).reshape(3, 1, 1)
+  buf = jnp.zeros((2, 3, 2, 6, 1))  # [L, B, K, S, H]
+  val = jnp.asarray([[1, 10], [2, 20], [3, 30]], jnp.float32).reshape(3, 1, 2, 1)  # [B, T, K, H]
   got = np.asarray(write_cache(buf, 1, jnp.asarray([0, 4, 6]), val))[..., 0]
-  want = np.zeros((2, 3, 6))
-  want[1, 0, 0], want[1, 1, 4] = 1, 2  # row 2's index is past the end: dropped
+  want = np.zeros((2, 3, 2, 6))
+  want[1, 0, :, 0], want[1, 1, :, 4] = (1, 10), (2, 20)  # row 2's index is past the end: dropped
   np.testing.assert_array_equal(got, want)
+  keys = np.asarray(write_cache(jnp.swapaxes(buf, 3, 4), 1, jnp.asarray([0, 4, 6]), val, keys=True))[..., 0, :]
+  np.testing.assert_array_equal(keys, want)  # the key cache [L, B, K, H, S], H = 1
+  # A shared index writes T slots of every row.
+  got = np.asarray(write_cache(buf, 0, jnp.asarray(2), jnp.concatenate([val, val + 1], axis=1)))[..., 0]
+  want = np.zeros((2, 3, 2, 6))
+  want[0, :, :, 2], want[0, :, :, 3] = val[:, 0, :, 0], val[:, 0, :, 0] + 1
+  np.testing.assert_array_equal(got, want)
+  keys = write_cache(jnp.swapaxes(buf, 3, 4), 0, jnp.asarray(2), jnp.concatenate([val, val + 1], axis=1), keys=True)
+  np.testing.assert_array_equal(np.asarray(keys)[..., 0, :], want)
 
 
 @pytest.mark.parametrize("count", [1, 3])

@@ -62,18 +62,24 @@ def project(eq: str, x: jax.Array, w, dtype) -> jax.Array:
   return jnp.einsum(eq, x, w.astype(dtype))
 
 
-def write_cache(buf: jax.Array, layer: int, index: jax.Array, val: jax.Array) -> jax.Array:
-  """Writes val [B, T, ...] into layer `layer` of buf [L, B, S, ...] at slots [index, index + T).
+def write_cache(buf: jax.Array, layer: int, index: jax.Array, val: jax.Array, *, keys: bool = False) -> jax.Array:
+  """Writes val [B, T, K, H] into layer `layer` of the value cache buf [L, B, K, S, H] (or, with
+  `keys`, of the key cache [L, B, K, H, S]) at slots [index, index + T).
 
   `index` is a scalar (all rows at one slot: prefill, the dense sampler) or [B] (each row at its own
   slot: continuous batching; an index >= S drops that row's write). In place inside a jitted loop.
   """
   val = val.astype(buf.dtype)
   if index.ndim == 0:
-    return jax.lax.dynamic_update_slice(buf, val[None], (layer, 0, index) + (0,) * (buf.ndim - 3))
+    block = jnp.transpose(val, (0, 2, 3, 1)) if keys else jnp.swapaxes(val, 1, 2)  # [B,K,H,T] / [B,K,T,H]
+    start = (layer, 0, 0, 0, index) if keys else (layer, 0, 0, index, 0)
+    return jax.lax.dynamic_update_slice(buf, block[None], start)
   b, t = val.shape[:2]
-  rows = jnp.arange(b)[:, None]
-  return buf.at[layer, rows, index[:, None] + jnp.arange(t)[None]].set(val, mode="drop")
+  rows, slots = jnp.arange(b)[:, None], index[:, None] + jnp.arange(t)[None]
+  # Advanced indices split by slices: the indexed dims [B, T] come first, then [K, H] (val's layout).
+  if keys:
+    return buf.at[layer, rows, :, :, slots].set(val, mode="drop")
+  return buf.at[layer, rows, :, slots].set(val, mode="drop")
 
 
 class Attention(nnx.Module):
@@ -100,7 +106,7 @@ class Attention(nnx.Module):
   def __call__(self, x, sin, cos, positions, segments, cache=None):
     """x [B, T, D] -> ([B, T, D], updated (k, v) cache or None).
 
-    `cache` is (k [L, B, S, K, H], v [L, B, S, K, H], layer, kv_positions [B, S],
+    `cache` is (k [L, B, K, H, S], v [L, B, K, S, H] (`KVCache`'s layout), layer, kv_positions [B, S],
     kv_segments [B, S], index [] or [B]): this call's keys/values are written into layer `layer`
     at slots [index, index + T) (in place inside a jitted loop; per row when index is [B]) and
     attention runs over the filled part of that layer's cache with its positions and segments.
@@ -129,10 +135,10 @@ class Attention(nnx.Module):
       new_cache = None
     else:
       ck, cv, layer, kv_pos, kv_seg, index = cache
-      ck, cv = write_cache(ck, layer, index, k), write_cache(cv, layer, index, v)
+      ck, cv = write_cache(ck, layer, index, k, keys=True), write_cache(cv, layer, index, v)
       new_cache = (ck, cv)
       # Only the filled part of the cache is attended (bucketed); rows write at their own index.
-      live = jnp.max(jnp.where(index < ck.shape[2], index + k.shape[1], k.shape[1]))
+      live = jnp.max(jnp.where(index < cv.shape[3], index + k.shape[1], k.shape[1]))
       out = attention_ops.cached_attention(q, ck, cv, layer, positions, segments, kv_pos, kv_seg, live,
                                            scale=scale, backend=cfg.attention_backend)
     # [B, T, D]

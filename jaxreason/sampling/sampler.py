@@ -81,7 +81,7 @@ class DecodeState:
 
   step: jax.Array       # [] decode steps so far
   rng: jax.Array        # base key; a row's token t uses fold_in(fold_in(rng, row), t)
-  cache: KVCache        # [L, S, C, K, H]
+  cache: KVCache        # k [L, S, K, H, C], v [L, S, K, C, H]
   logits: jax.Array     # [S, V] float32, for the next token
   position: jax.Array   # [S] position of the next token
   length: jax.Array     # [S] tokens emitted by the slot's row
@@ -101,7 +101,7 @@ class PromptBuffer:
   """Continuous batching: the last prefilled prompt, copied into each slot that takes one of its
   n samples (one prefill per prompt)."""
 
-  k: jax.Array          # [L, 1, P, K, H]
+  k: jax.Array          # [L, 1, K, H, P] (`KVCache`'s layouts)
   v: jax.Array
   positions: jax.Array  # [1, P]
   segments: jax.Array   # [1, P]
@@ -290,7 +290,7 @@ def _step(model: Transformer, s: DecodeState, cfg: SamplingConfig, bf: BudgetFor
 
   cache = s.cache
   if prompt_len is not None:
-    cache = dataclasses.replace(cache, index=jnp.where(active, prompt_len + s.length, cache.k.shape[2]))
+    cache = dataclasses.replace(cache, index=jnp.where(active, prompt_len + s.length, cache.length))
   logits, cache = model(token[:, None], s.position[:, None], active[:, None].astype(jnp.int32), cache=cache)
   return DecodeState(step=s.step + 1, rng=s.rng, cache=cache, logits=logits[:, 0], position=s.position + active,
                      length=length, done=done, finish=finish, window=window, row=s.row, row_offset=s.row_offset,
@@ -391,8 +391,8 @@ def _generate_continuous(state, tokens, mask, rng, newline_mask, row_offset, *, 
   s = dataclasses.replace(s, cache=dataclasses.replace(s.cache, index=jnp.full((slots,), p, jnp.int32)),
                           row_offset=row_offset)
   c = model.cfg
-  kv = (c.num_layers, 1, p, c.num_kv_heads, c.resolved_head_dim)
-  empty = PromptBuffer(k=jnp.zeros(kv, s.cache.k.dtype), v=jnp.zeros(kv, s.cache.v.dtype),
+  kl, h = (c.num_layers, 1, c.num_kv_heads), c.resolved_head_dim
+  empty = PromptBuffer(k=jnp.zeros(kl + (h, p), s.cache.k.dtype), v=jnp.zeros(kl + (p, h), s.cache.v.dtype),
                        positions=jnp.zeros((1, p), jnp.int32), segments=jnp.zeros((1, p), jnp.int32),
                        logits=jnp.zeros((1, s.logits.shape[1]), s.logits.dtype), next_pos=jnp.zeros((1,), jnp.int32),
                        prompt=jnp.asarray(-1, jnp.int32))
