@@ -201,3 +201,45 @@ def test_budget_forcing_matches_multi_call_reference(bf_model, case):
     assert "injected" in exercised, exercised
   if case == "min_thinking":
     assert any(e.startswith("waits=") and e != "waits=0" for e in exercised), exercised
+
+
+def test_inverse_cdf_is_inverse_transform_sampling():
+  """`inverse_cdf` returns the token i with F(i-1) <= u < F(i) (F: the cumulative distribution of
+  weights / sum). On a grid of n uniforms, token i is therefore drawn n * p_i times, +-1: checked
+  against numpy's cumulative sum, for a vocabulary that is not a multiple of the block, with
+  zero-weight tokens (which must never be drawn)."""
+  from jaxreason.sampling.strategies import inverse_cdf
+  rng = np.random.default_rng(0)
+  v, n = 300, 20_000
+  w = rng.exponential(size=v).astype(np.float32)
+  w[rng.choice(v, 60, replace=False)] = 0
+  w[-7:] = 0  # the last block ends in zeros
+  u = (np.arange(n) + 0.5) / n
+  got = np.asarray(jax.jit(lambda w, u: inverse_cdf(w, u, block=128))(np.broadcast_to(w, (n, v)), u))
+  counts = np.bincount(got, minlength=v)
+  p = w.astype(np.float64) / w.sum()
+  np.testing.assert_array_less(np.abs(counts - n * p), 1.01)
+  assert counts[w == 0].sum() == 0
+  # u at the ends of [0, 1): the first and the last positive token, never a zero-weight one.
+  ends = np.asarray(inverse_cdf(jnp.asarray(np.stack([w, w])), jnp.asarray([0.0, 1 - 2.0 ** -24], jnp.float32)))
+  assert ends.tolist() == [np.flatnonzero(w)[0], np.flatnonzero(w)[-1]]
+
+
+def test_temperature_top_k_draws_follow_the_filtered_distribution():
+  """choose_rows with temperature and top-k: only top-k tokens, at frequencies within 5 sigma of
+  softmax(logits / T) renormalised over the top k (SPEC §3's sampling), over 20,000 row keys."""
+  from jaxreason.sampling import strategies
+  rng = np.random.default_rng(1)
+  v, n, k, t = 500, 20_000, 8, 0.8
+  logits = rng.normal(size=v).astype(np.float32) * 2
+  cfg = SamplingConfig(max_new_tokens=1, temperature=t, top_k=k)
+  keys = jax.random.split(jax.random.key(3), n)
+  tok, _ = jax.jit(lambda l, ks: strategies.choose_rows(l, ks, cfg))(np.broadcast_to(logits, (n, v)), keys)
+  counts = np.bincount(np.asarray(tok), minlength=v)
+  top = np.argsort(logits)[::-1][:k]
+  p = np.zeros(v)
+  p[top] = np.exp(logits[top] / t - (logits[top] / t).max())
+  p /= p.sum()
+  assert counts[p == 0].sum() == 0
+  sigma = np.sqrt(n * p * (1 - p))
+  np.testing.assert_array_less(np.abs(counts - n * p)[top], 5 * sigma[top] + 1)
