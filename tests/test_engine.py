@@ -235,3 +235,19 @@ def test_per_process_shares_equal_one_process(pair, count):
   for f in ("tokens", "length", "finish", "prompt_index", "logprobs"):
     got = np.concatenate([getattr(p, f) for p in parts])
     np.testing.assert_allclose(got, getattr(whole, f), atol=2e-5, err_msg=f)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_cached_attention_runs_in_bfloat16(t):
+  """bf16 compute over the cache layout (the quickstarts' dtype): decode (T = 1) and prefill (T > 1)
+  compile on XLA:CPU and agree with float32 attention over [B, S, K, H] to bf16 precision."""
+  from jaxreason.ops import attention as ops
+  rng = np.random.default_rng(2)
+  b, k, g, h, s = 4, 2, 2, 32, 48
+  q, kt, v = (rng.normal(size=shape).astype(np.float32) for shape in ((b, t, k * g, h), (b, k, h, s), (b, k, s, h)))
+  mask = jnp.asarray(np.arange(s)[None, None] < np.array([48, 30, 7, 20])[:, None, None]) & jnp.ones((b, t, 1), bool)
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+  got = jax.jit(ops.xla_cached_attention, static_argnums=4)(bf(q), bf(kt), bf(v), mask, 0.2)
+  want = ops.xla_attention(jnp.asarray(q), jnp.transpose(kt, (0, 3, 1, 2)), jnp.swapaxes(v, 1, 2), mask, 0.2)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05, rtol=0.05)

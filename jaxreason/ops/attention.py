@@ -74,7 +74,8 @@ def xla_cached_attention(q: jnp.ndarray, kt: jnp.ndarray, v: jnp.ndarray, mask: 
 
   The dots batch over (B, K) and read K^T and V as plain [H, S] / [S, H] matrices, so XLA:CPU runs
   them without transposing the cache; a decode step (T == 1) drops the T axis (4-D dots). About 2x
-  faster decode attention at 128-512 slots than the 5-D form over [B, S, K, H].
+  faster decode attention at 128-512 slots than the 5-D form over [B, S, K, H]. Longer queries
+  (prefill) run `xla_attention` on the transposed bucket.
   """
   b, t, n, h = q.shape
   kv_heads = v.shape[1]
@@ -87,13 +88,9 @@ def xla_cached_attention(q: jnp.ndarray, kt: jnp.ndarray, v: jnp.ndarray, mask: 
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGS,BKSH->BKGH", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, 1, n, h).astype(q.dtype)
-  # [B, K, G, T, S]
-  logits = jnp.einsum("BTKGH,BKHS->BKGTS", q.reshape(b, t, kv_heads, g, h), kt,
-                      preferred_element_type=jnp.float32) * scale
-  logits = jnp.where(mask[:, None, None, :, :], logits, _NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  # Longer queries (prefill) take `xla_attention`'s path over [B, S, K, H]: the transposed copy is
+  # paid once per prefill, and XLA:CPU has no bf16 x bf16 -> f32 kernel for the 5-D dots over K^T.
+  return xla_attention(q, jnp.transpose(kt, (0, 3, 1, 2)), jnp.swapaxes(v, 1, 2), mask, scale)
 
 
 def cudnn_attention(q, k, v, mask, scale, implementation="cudnn"):
