@@ -64,8 +64,8 @@ def gather_share(local: SampleBatch, num_prompts: int, n: int, extra: Mapping[st
   `extra` (per-row host arrays of the share, the same keys on every process) joined alongside.
 
   One `process_allgather` of host arrays: every process must call it, in the same order. The
-  metrics become the whole batch's (tokens, slots, slot-steps summed; seconds and longest the
-  slowest process's), so occupancy and tokens/s describe all processes together.
+  metrics become the whole batch's (tokens, slots, slot-steps summed; seconds, longest and decode
+  steps the largest process's), so occupancy and tokens/s describe all processes together.
   """
   count = jax.process_count()
   extra = dict(extra or {})
@@ -80,7 +80,7 @@ def gather_share(local: SampleBatch, num_prompts: int, n: int, extra: Mapping[st
 
   m = local.metrics or {}
   counters = {k: np.asarray([float(m.get(k, 0))])
-              for k in ("tokens", "slots", "slot_steps", "inserted", "seconds", "longest")}
+              for k in ("tokens", "slots", "slot_steps", "inserted", "seconds", "longest", "decode_steps")}
   sent = {"rows": {k: pad(getattr(local, k)) for k in _ARRAYS}, "extra": {k: pad(v) for k, v in extra.items()},
           "valid": np.arange(rows) < real, "counters": counters}
   from jax.experimental import multihost_utils
@@ -90,7 +90,7 @@ def gather_share(local: SampleBatch, num_prompts: int, n: int, extra: Mapping[st
   tot = {k: float(c[k].sum()) for k in _SUMMED}
   seconds = float(c["seconds"].max())
   metrics = dict(m, slots=int(tot["slots"]), tokens=int(tot["tokens"]), inserted=int(tot["inserted"]),
-                 decode_steps=tot["slot_steps"] / max(tot["slots"], 1), slot_steps=tot["slot_steps"], seconds=seconds,
+                 decode_steps=int(c["decode_steps"].max()), slot_steps=tot["slot_steps"], seconds=seconds,
                  tokens_per_s=tot["tokens"] / max(seconds, 1e-9), longest=int(c["longest"].max()),
                  slot_occupancy=tot["tokens"] / max(tot["slot_steps"], 1),
                  padding_waste=1 - tot["tokens"] / max(tot["slot_steps"], 1), processes=count)
