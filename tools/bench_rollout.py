@@ -239,6 +239,8 @@ def main() -> None:
   ap.add_argument("--shape", choices=sorted(SHAPES), default="small", help="model shape (random weights)")
   ap.add_argument("--hlo", action="store_true", help="also list KV-cache-sized copies in the compiled decode loops")
   args = ap.parse_args()
+  if args.vllm_python:  # the vLLM job runs in another directory
+    args.vllm_python = os.path.abspath(args.vllm_python)
   with tempfile.TemporaryDirectory() as d:
     make_model_dir(d, SHAPES[args.shape])
     if not args.skip_long_tail:
