@@ -199,8 +199,8 @@ def hlo_copies(model_dir, args) -> None:
   cfg = SamplingConfig(max_new_tokens=cap, temperature=1.0, n=1, stop_token_ids=(0,))
   tokens, mask = jnp.ones((2 * slots, p), jnp.int32), jnp.ones((2 * slots, p), jnp.int32)
   nl, off, rng = jnp.zeros((c.vocab_size,), bool), jnp.zeros((), jnp.int32), jax.random.key(0)
-  print(f"\nKV-cache-sized ops in the compiled decode loop (cache [L, S, K, C, H] = "
-        f"[{c.num_layers}, {slots}, {c.num_kv_heads}, {p + cap}, {c.resolved_head_dim}] per engine)")
+  print(f"\nKV-cache-sized ops in the compiled decode loop (keys [L, S, K, H, C], values [L, S, K, C, H], "
+        f"L={c.num_layers} S={slots} K={c.num_kv_heads} H={c.resolved_head_dim} C={p + cap}, per engine)")
   for engine in ("dense", "continuous"):
     kw = dict(graphdef=graphdef, cfg=cfg, bf=None, cache_len=p + cap)
     if engine == "dense":
@@ -209,7 +209,8 @@ def hlo_copies(model_dir, args) -> None:
       fn, a = sampler_lib._generate_continuous, (tokens, mask)
       kw["slots"] = slots
     text = fn.lower(state, *a, rng, nl, off, **kw).compile().as_text()
-    dims = f"{c.num_layers},{slots},{c.num_kv_heads},{p + cap},{c.resolved_head_dim}"
+    lead = f"{c.num_layers},{slots},{c.num_kv_heads}"
+    dims = f"(?:{lead},{c.resolved_head_dim},{p + cap}|{lead},{p + cap},{c.resolved_head_dim})"  # keys | values
     ops = {}
     for line in text.splitlines():
       m = re.search(r"= f32\[" + dims + r"\]\{[^}]*\} ([a-z-]+)\(", line)

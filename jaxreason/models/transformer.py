@@ -45,8 +45,7 @@ class KVCache:
   matrices a GEMM wants, with no transposed copy (about 2x faster decode attention on XLA:CPU
   than [L, B, S, K, H] for both). positions, segments: [B, S] (segment 0 = empty/padding);
   index: the next slot to write, [] shared by all rows (prompts left-padded to a common length)
-  or [B] per row (continuous batching; an index >= S drops that
-  row's write).
+  or [B] per row (continuous batching; an index >= S drops that row's write).
   """
 
   k: jax.Array

@@ -90,7 +90,12 @@ def xla_cached_attention(q: jnp.ndarray, kt: jnp.ndarray, v: jnp.ndarray, mask: 
     return out.reshape(b, 1, n, h).astype(q.dtype)
   # Longer queries (prefill) take `xla_attention`'s path over [B, S, K, H]: the transposed copy is
   # paid once per prefill, and XLA:CPU has no bf16 x bf16 -> f32 kernel for the 5-D dots over K^T.
-  return xla_attention(q, jnp.transpose(kt, (0, 3, 1, 2)), jnp.swapaxes(v, 1, 2), mask, scale)
+  return xla_attention(q, *_bskh(kt, v), mask, scale)
+
+
+def _bskh(kt, v):
+  """The cache's kt [B, K, H, S] and v [B, K, S, H] as [B, S, K, H] each (a transposed copy)."""
+  return jnp.transpose(kt, (0, 3, 1, 2)), jnp.swapaxes(v, 1, 2)
 
 
 def cudnn_attention(q, k, v, mask, scale, implementation="cudnn"):
@@ -209,7 +214,7 @@ def cached_attention(q, ck, cv, layer: int, q_positions, q_segments, kv_position
       v = jax.lax.dynamic_slice(cv, start, (1, b, kh, size, h))[0].astype(dt)
       mask = masks.attention_mask(q_positions, q_segments, kv_positions[:, :size], kv_segments[:, :size])
       if backend == "cudnn":  # [B, S, K, H] for jax.nn.dot_product_attention
-        return cudnn_attention(q, jnp.transpose(kt, (0, 3, 1, 2)), jnp.swapaxes(v, 1, 2), mask, scale)
+        return cudnn_attention(q, *_bskh(kt, v), mask, scale)
       return xla_cached_attention(q, kt, v, mask, scale)
     return branch
 
