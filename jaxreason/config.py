@@ -249,6 +249,10 @@ class RolloutConfig:
   num_waits: int = 0  # budget forcing: "Wait" extensions
   stop: tuple[str, ...] = ()  # extra stop strings (e.g. "</answer>"); the tokenizer's eos always stops
   batch_size: int | None = None  # questions per sampler call; null: the whole rollout batch
+  # The rollout engine: "continuous" (continuous batching in `slots` decode slots, the tail shrinking
+  # as rows end) or "dense" (every completion in its own row until the longest ends; the old sampler).
+  engine: str = "continuous"
+  slots: int | None = None  # continuous batching's decode slots (a multiple of num_generations); null: 256
   # The sampler's own (data, fsdp, tensor) layout over the same devices (e.g. tensor: 4 so a 7B model's
   # weights split across chips while decoding); null: the training mesh. Weights reshard on device.
   mesh: MeshConfig | None = None
@@ -259,7 +263,11 @@ class RolloutConfig:
   def __post_init__(self):
     choice(self, "format", EVAL_FORMATS)
     positive(self, "prompts_per_step", "num_generations", "max_new_tokens")
-    positive(self, "max_thinking_tokens", "batch_size", optional=True)
+    positive(self, "max_thinking_tokens", "batch_size", "slots", optional=True)
+    choice(self, "engine", ("continuous", "dense"))
+    require(self.slots is None or self.slots >= self.num_generations, "slots",
+            f"must be >= num_generations ({self.num_generations}): a question's samples share one prefill; "
+            f"got {self.slots}")
     require(self.temperature >= 0, "temperature", f"must be >= 0; got {self.temperature}")
     require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1]; got {self.top_p}")
     require(self.top_k >= 0, "top_k", f"must be >= 0 (0: off); got {self.top_k}")

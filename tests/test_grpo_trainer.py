@@ -356,8 +356,8 @@ def test_grpo_end_to_end_and_exact_resume(tmp_path, tiny_sft):
   ma = _metrics(a)
   assert sorted(ma) == [1, 2, 3, 4]
   for key in ("reward_mean", "reward_std", "accuracy", "completion_length", "clip_frac", "kl", "entropy",
-              "grad_norm", "rollout_tokens_per_sec", "train_tokens_per_sec", "time_rollout", "time_update",
-              "reward/s1_answer"):
+              "grad_norm", "rollout_tokens_per_sec", "train_tokens_per_sec", "time_rollout", "time_reference",
+              "time_update", "reward/s1_answer"):
     assert key in ma[1] and ma[1][key] is not None, key
   assert os.path.exists(a / "rollouts.jsonl")
   # Resume: b starts from a's step-2 checkpoint and must reproduce steps 3-4 exactly.

@@ -89,7 +89,7 @@ def sft_functions(cfg, model_cfg, mesh) -> list[Planned]:
 
 
 def _sampler(cfg, model_cfg, mesh, graphdef, abs_state, prompt_len: int) -> Planned:
-  from jaxreason.sampling.sampler import DEFAULT_SLOTS, _generate_continuous, bucket_length
+  from jaxreason.sampling.sampler import DEFAULT_SLOTS, _generate, _generate_continuous, bucket_length
   from jaxreason.sampling import SamplingConfig
   rc = cfg.rollout
   rules = sharding.SAMPLING_RULES
@@ -111,11 +111,16 @@ def _sampler(cfg, model_cfg, mesh, graphdef, abs_state, prompt_len: int) -> Plan
           jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep),
           jax.ShapeDtypeStruct((model_cfg.vocab_size,), jnp.bool_, sharding=rep),
           jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
-  # The rollout engine's default: continuous batching over Sampler.num_slots decode slots.
+  # The rollout engine (rollout.engine): continuous batching over Sampler.num_slots decode slots, or
+  # the dense sampler with a row per completion.
   n = rc.num_generations
-  slots = max(n, min(DEFAULT_SLOTS, questions * n) // n * n)
-  fn = lambda *a: _generate_continuous(*a, graphdef=graphdef, cfg=scfg, bf=None, cache_len=p + rc.max_new_tokens,
-                                       slots=slots)
+  if getattr(rc, "engine", "continuous") == "dense":
+    slots = questions * n
+    fn = lambda *a: _generate(*a, graphdef=graphdef, cfg=scfg, bf=None, cache_len=p + rc.max_new_tokens)
+  else:
+    slots = max(n, min(getattr(rc, "slots", None) or DEFAULT_SLOTS, questions * n) // n * n)
+    fn = lambda *a: _generate_continuous(*a, graphdef=graphdef, cfg=scfg, bf=None, cache_len=p + rc.max_new_tokens,
+                                         slots=slots)
   return Planned("sampler", jax.jit(fn), args, "sample", slots, p + rc.max_new_tokens,
                  new_tokens=rc.max_new_tokens, rules=rules, mesh=mesh,
                  notes=[f"{questions} prompts x {n} samples in {slots} decode slots, prompt {p}, "

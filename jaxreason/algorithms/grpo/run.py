@@ -299,6 +299,7 @@ def run_grpo(cfg) -> dict[str, Any]:
       rows["ref_logp"] = _score_rows(ref_score, ref_params, rows, micro, rs, frozen=state.frozen)
     if score_trainer:
       rows["trainer_logp"] = _score_rows(ref_score, state.params, rows, micro, rs, frozen=state.frozen)
+    t_ref = time.perf_counter()
     if token_level:  # REINFORCE++(-baseline): per-token returns, whitened over the batch (SPEC §9)
       kl = None
       if gc.reward_kl_coef > 0:
@@ -324,9 +325,12 @@ def run_grpo(cfg) -> dict[str, Any]:
     t2 = time.perf_counter()
     for k in update_metrics[0]:
       metrics[k] = float(np.mean([float(m[k]) for m in update_metrics]))
-    metrics.update({"time_rollout": t1 - t0, "time_update": t2 - t1, "rollout_share": (t1 - t0) / max(t2 - t0, 1e-9),
+    # Seconds: rollout (sampling, rewards, rows), reference (log-probs of the frozen reference and, with
+    # several iterations, of the old policy), update (the optimizer steps); PPO logs the same split.
+    metrics.update({"time_rollout": t1 - t0, "time_reference": t_ref - t1, "time_update": t2 - t_ref,
+                    "rollout_share": (t1 - t0) / max(t2 - t0, 1e-9),
                     "rollout_tokens_per_sec": ro.stats["rollout/tokens"] / max(t1 - t0, 1e-9),
-                    "train_tokens_per_sec": train_tokens / max(t2 - t1, 1e-9), "epoch": stream.epoch})
+                    "train_tokens_per_sec": train_tokens / max(t2 - t_ref, 1e-9), "epoch": stream.epoch})
     done = step + 1
     if rs.is_main and gc.log_samples_every and (done % gc.log_samples_every == 0 or done == start + 1):
       _log_samples(samples_path, done, samples, logger)
