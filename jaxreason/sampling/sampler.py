@@ -14,7 +14,8 @@ Two engines behind `Sampler.generate`:
   round trip per token; results by sample row, in prompt order. Once the queue is empty and the
   live rows fit in half the slots, the live slots are compacted into half as many (down to
   `MIN_SLOTS`), so the long tail of lengths does not run mostly empty slots (one host round trip
-  and one compilation per halving).
+  per halving; the tail's loop has nothing left to insert, so it compiles without the prefill and
+  costs about what the dense sampler's loop does, once per slot count and prompt bucket).
 - "dense": every sample in its own row, decoded until the longest row ends (the earlier sampler).
 Row r's token t draws from fold_in(fold_in(key(seed), r), t), so both engines, any slot count and
 any split across processes (`distributed.generate_share`) give the same samples.
@@ -401,11 +402,23 @@ def _generate_continuous(state, tokens, mask, rng, newline_mask, row_offset, *, 
   return _engine_loop(model, e, tokens, mask, cfg, bf, newline_mask, shrink_at)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "shrink_at"))
-def _resume_continuous(state, e: EngineState, tokens, mask, newline_mask, *, graphdef, cfg, bf,
-                       shrink_at=0) -> EngineState:
-  """`_generate_continuous`'s loop, continued from `e` (after `_compact`)."""
-  return _engine_loop(nnx.merge(graphdef, state), e, tokens, mask, cfg, bf, newline_mask, shrink_at)
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "bf", "prompt_len", "shrink_at"))
+def _resume_tail(state, e: EngineState, newline_mask, *, graphdef, cfg, bf, prompt_len: int,
+                 shrink_at=0) -> EngineState:
+  """`_generate_continuous`'s loop continued from `e` (after `_compact`) once the queue is empty: the
+  same decode steps, without the refill and its prefill (nothing is pending: the loop only stops to
+  shrink when no row is), so this program compiles like the dense sampler's, not like the engine's."""
+  model = nnx.merge(graphdef, state)
+
+  def cond(e):
+    live = jnp.sum(~e.decode.done)
+    return (live > shrink_at) if shrink_at else (live > 0)
+
+  def body(e):
+    return dataclasses.replace(e, decode=_step(model, e.decode, cfg, bf, newline_mask, prompt_len=prompt_len))
+
+  e = jax.lax.while_loop(cond, body, e)
+  return dataclasses.replace(e, live=jnp.sum(~e.decode.done).astype(jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("slots",))
@@ -585,8 +598,8 @@ class Sampler:
         new //= 2
       levels.append(new)
       e = _compact(e, slots=new)
-      e = _resume_continuous(self.state, e, tokens, mask, self.newline_mask, shrink_at=_shrink_at(new, min_slots),
-                             **kw)
+      e = _resume_tail(self.state, e, self.newline_mask, prompt_len=tokens.shape[1],
+                       shrink_at=_shrink_at(new, min_slots), **kw)
 
   def num_slots(self, num_prompts: int, n: int, slots: int | None = None) -> int:
     """Decode slots for continuous batching: `slots` (default `self.slots`), a multiple of n, at
