@@ -146,8 +146,7 @@ class RolloutSampler:
         top_k=rcfg.top_k, n=rcfg.num_generations, stop=rcfg.stop)
     self.budget = generation.budget_forcing(rcfg.format, tokenizer, rcfg.max_thinking_tokens, rcfg.num_waits)
     self.sampler = Sampler.for_graph(graphdef, model_cfg, newline_mask_for(tokenizer, model_cfg.vocab_size))
-    self.sampler.engine = getattr(rcfg, "engine", Sampler.engine)
-    self.sampler.slots = getattr(rcfg, "slots", None)
+    self.sampler.engine, self.sampler.slots = rcfg.engine, rcfg.slots
     if self.split:
       # Every process's sampler mesh side by side under a leading "process" axis: the weights laid
       # out there as each local sampler wants them (sharded within a process, the same copy in

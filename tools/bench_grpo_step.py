@@ -31,21 +31,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from bench_rollout import SHAPES  # noqa: E402  (tools/ is on sys.path when run as a script)
+from bench_rollout import SHAPES, make_model_dir  # noqa: E402  (tools/ is on sys.path when run as a script)
 
 KEYS = ("time_rollout", "time_reference", "time_update")
 
 
 def make_policy_dir(path: str, shape: dict) -> None:
-  import torch
-  import transformers
+  """bench_rollout's random near-uniform model, with the Qwen2.5 tokenizer beside it (an HF init_from)."""
   from jaxreason.data.tokenizer import build_qwen25_tokenizer
-  cfg = transformers.AutoConfig.for_model("qwen2", **shape)
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(cfg).float()
-  with torch.no_grad():
-    model.lm_head.weight.mul_(0.01)  # near-uniform next-token distribution (tied: the embedding too)
-  model.save_pretrained(path)
+  make_model_dir(path, shape)
   build_qwen25_tokenizer().save_pretrained(path)
 
 

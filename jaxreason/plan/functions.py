@@ -89,7 +89,7 @@ def sft_functions(cfg, model_cfg, mesh) -> list[Planned]:
 
 
 def _sampler(cfg, model_cfg, mesh, graphdef, abs_state, prompt_len: int) -> Planned:
-  from jaxreason.sampling.sampler import DEFAULT_SLOTS, _generate, _generate_continuous, bucket_length
+  from jaxreason.sampling.sampler import _generate, _generate_continuous, bucket_length, num_slots
   from jaxreason.sampling import SamplingConfig
   rc = cfg.rollout
   rules = sharding.SAMPLING_RULES
@@ -111,14 +111,14 @@ def _sampler(cfg, model_cfg, mesh, graphdef, abs_state, prompt_len: int) -> Plan
           jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep),
           jax.ShapeDtypeStruct((model_cfg.vocab_size,), jnp.bool_, sharding=rep),
           jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
-  # The rollout engine (rollout.engine): continuous batching over Sampler.num_slots decode slots, or
-  # the dense sampler with a row per completion.
+  # The rollout engine (rollout.engine): continuous batching over the sampler's decode slots, or the
+  # dense sampler with a row per completion.
   n = rc.num_generations
-  if getattr(rc, "engine", "continuous") == "dense":
+  if rc.engine == "dense":
     slots = questions * n
     fn = lambda *a: _generate(*a, graphdef=graphdef, cfg=scfg, bf=None, cache_len=p + rc.max_new_tokens)
   else:
-    slots = max(n, min(getattr(rc, "slots", None) or DEFAULT_SLOTS, questions * n) // n * n)
+    slots = num_slots(questions, n, rc.slots)
     fn = lambda *a: _generate_continuous(*a, graphdef=graphdef, cfg=scfg, bf=None, cache_len=p + rc.max_new_tokens,
                                          slots=slots)
   return Planned("sampler", jax.jit(fn), args, "sample", slots, p + rc.max_new_tokens,

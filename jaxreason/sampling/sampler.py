@@ -437,6 +437,12 @@ def _compact(e: EngineState, *, slots: int) -> EngineState:
   return dataclasses.replace(e, decode=s)
 
 
+def num_slots(num_prompts: int, n: int, slots: int | None = None) -> int:
+  """Decode slots for continuous batching: `slots` (default DEFAULT_SLOTS), a multiple of n, at most
+  every row (a batch that fits runs in one wave, as the dense sampler would)."""
+  return max(n, min(slots or DEFAULT_SLOTS, num_prompts * n) // n * n)
+
+
 def _shrink_at(slots: int, min_slots: int) -> int:
   """The live count at which a loop over `slots` slots stops to halve them (0: never)."""
   return slots // 2 if slots // 2 >= max(min_slots, 1) else 0
@@ -602,7 +608,5 @@ class Sampler:
                        shrink_at=_shrink_at(new, min_slots), **kw)
 
   def num_slots(self, num_prompts: int, n: int, slots: int | None = None) -> int:
-    """Decode slots for continuous batching: `slots` (default `self.slots`), a multiple of n, at
-    most every row (a batch that fits runs in one wave, as the dense sampler would)."""
-    want = slots or self.slots or DEFAULT_SLOTS
-    return max(n, min(want, num_prompts * n) // n * n)
+    """`num_slots` with `slots` defaulting to `self.slots`."""
+    return num_slots(num_prompts, n, slots or self.slots)
